@@ -1,0 +1,464 @@
+"""Data sets in memory as float32 tensors, split into train and test.
+
+``load_data(name)`` loads a named data set (``DATASETS`` lists them) and ``load_data(file=...)``
+the user's own numeric table (``.csv`` with a header row, or a 2-D ``.npy`` array). Rows are
+data points: ``x: [N, D]`` float32, labels ``y: [N]`` int64 where the data set has them.
+
+The synthetic data sets come with their ground truth (``Data.truth``), drawn by the public
+generators ``synthetic_ppca`` and ``synthetic_gmm`` from a private random stream, so the same
+seed gives the same data and the global torch seed is neither used nor changed.
+
+Every mistake in the input raises :class:`~zoo.errors.ZooError` naming the problem, the place
+(file, data row, column) and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import math
+import numbers
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zoo.errors import ZooError
+
+DATASETS: dict[str, str] = {
+    "digits": "scikit-learn's 8x8 handwritten digits: 1797 images, pixels in [0, 1], 10 classes",
+    "mnist": "MNIST handwritten digits: 60000 train + 10000 test images of 28x28, 10 classes",
+    "fashion-mnist": "Fashion-MNIST clothing: 60000 train + 10000 test images of 28x28, 10 classes",
+    "synthetic-ppca": "probabilistic PCA x = W z + b + noise, D=10, M=2, N=2000, truth W, b, sigma",
+    "synthetic-gmm": "Gaussian mixture, K=3 full-covariance components in 2-D, N=1500, truth given",
+}
+
+_TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_DEFAULT_DATA_DIR = "~/.cache/zoo/data"
+_DOWNLOAD_TIMEOUT_S = 30.0
+
+# Fixed ground truth of the synthetic data sets: the truth does not change with the seed, which
+# only draws the data points and the split.
+_PPCA_DATA_DIM, _PPCA_LATENT_DIM, _PPCA_SIGMA, _PPCA_NUM_DATA = 10, 2, 0.5, 2000
+_PPCA_TRUTH_SEED = 0
+_GMM_TRUTH = {
+    "weights": [0.5, 0.3, 0.2],
+    "means": [[-5.0, 0.0], [5.0, 0.0], [0.0, 6.0]],
+    "covariances": [[[1.0, 0.6], [0.6, 1.0]],
+                    [[1.0, -0.4], [-0.4, 0.6]],
+                    [[0.5, 0.0], [0.0, 1.5]]],
+}
+_GMM_NUM_DATA = 1500
+
+
+@dataclass(frozen=True, eq=False)
+class Data:
+    """A data set in memory, split into train and test.
+
+    ``x_*``: ``[N, D]`` float32 (images flattened row by row), ``y_*``: ``[N]`` int64 class labels
+    or None. ``x_test`` and ``y_test`` are None without a test split. ``truth`` holds the
+    generating parameters of synthetic data, in the original (unstandardized) units. With
+    standardization, ``x = (x_raw - shift) / scale`` with ``shift``, ``scale``: ``[D]`` fitted on
+    the training rows. ``columns`` are the header names of a csv file.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor | None
+    x_test: torch.Tensor | None
+    y_test: torch.Tensor | None
+    image_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
+    truth: dict[str, torch.Tensor] = field(default_factory=dict)
+    columns: tuple[str, ...] | None = None
+    shift: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+
+    @property
+    def data_dim(self) -> int:
+        """D, the number of columns of x."""
+        return self.x_train.shape[1]
+
+    @property
+    def num_train(self) -> int:
+        """The number of training rows."""
+        return self.x_train.shape[0]
+
+
+def load_data(name: str | None = None, *, file: str | os.PathLike | None = None,
+              data_dir: str | None = None, test_fraction: float = 0.1, standardize: bool = False,
+              seed: int = 0, num_data: int | None = None) -> Data:
+    """Load a named data set or a file into memory, split into train and test.
+
+    Give exactly one of ``name`` (a key of ``DATASETS``) and ``file`` (a ``.csv`` with a header
+    row, or a 2-D ``.npy`` array; the data set is then named after the file's stem).
+
+    ``test_fraction`` in [0, 1): that share of the rows (rounded, at least one) goes to the test
+    split, drawn at random with ``seed``; 0 means no test split. mnist and fashion-mnist keep their
+    official test set as the test split whatever the fraction, except that 0 drops it.
+
+    ``num_data``: the synthetic data sets draw that many points; the others keep a random subset
+    (drawn with ``seed``) of that many rows before splitting (for mnist and fashion-mnist, of the
+    training images). ``data_dir``: where mnist and fashion-mnist live (else the environment
+    variable ``ZOO_DATA``, else ``~/.cache/zoo/data``, downloading there when needed).
+    ``standardize``: shift and scale every column to mean 0 and standard deviation 1 on the
+    training rows; the test rows use the same shift and scale.
+    """
+    if (name is None) == (file is None):
+        raise ZooError("give either a data set name or a file, not both"
+                       if name is not None else "give a data set name or a file to load")
+    if name is not None and name not in DATASETS:
+        raise ZooError(f"unknown data set {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
+    if not 0 <= test_fraction < 1:
+        raise ZooError(f"test_fraction must be in [0, 1), got {test_fraction}: use 0 for no test "
+                       "split or e.g. 0.1 to hold out a tenth of the rows")
+    if num_data is not None and num_data < 2:
+        raise ZooError(f"num_data must be at least 2, got {num_data}")
+    generator = torch.Generator().manual_seed(seed)
+    if file is not None:
+        data = _subset(_load_file(Path(file)), num_data, generator)
+    elif name == "synthetic-ppca":
+        data = _load_synthetic_ppca(num_data or _PPCA_NUM_DATA, seed)
+    elif name == "synthetic-gmm":
+        data = _load_synthetic_gmm(num_data or _GMM_NUM_DATA, seed)
+    elif name == "digits":
+        data = _subset(_load_digits(), num_data, generator)
+    else:
+        data = _subset(_load_torchvision(name, data_dir), num_data, generator)
+    data = _split(data, test_fraction, generator)
+    return _standardize(data) if standardize else data
+
+
+def synthetic_ppca(num_data: int, W: torch.Tensor, b: torch.Tensor, sigma: float, *,
+                   seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Draw ``num_data`` points from probabilistic PCA: ``x = W z + b + eps``.
+
+    ``z ~ N(0, I_M)``, ``eps ~ N(0, sigma^2 I_D)``, ``W: [D, M]``, ``b: [D]``, ``sigma > 0``.
+    Returns ``x: [N, D]`` and the truth ``{"W": [D, M], "b": [D], "sigma": [], "z": [N, M]}``,
+    all float32, drawn from a private generator seeded with ``seed``.
+    """
+    num_data = _check_count(num_data)
+    W = _as_float_tensor(W, "W")
+    b = _as_float_tensor(b, "b")
+    if W.dim() != 2:
+        raise ZooError(f"W must be a matrix [D, M], got shape {tuple(W.shape)}")
+    if b.shape != W.shape[:1]:
+        raise ZooError(f"b must have shape [D] = ({W.shape[0]},) to match W {tuple(W.shape)}, "
+                       f"got {tuple(b.shape)}")
+    sigma = float(sigma)
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ZooError(f"sigma is the noise standard deviation and must be positive, got {sigma}")
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(num_data, W.shape[1], generator=generator)
+    eps = torch.randn(num_data, W.shape[0], generator=generator)
+    x = z @ W.T + b + sigma * eps
+    return x.contiguous(), {"W": W, "b": b, "sigma": torch.tensor(sigma), "z": z}
+
+
+def synthetic_gmm(num_data: int, weights: torch.Tensor, means: torch.Tensor,
+                  covariances: torch.Tensor, *,
+                  seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Draw ``num_data`` points from a Gaussian mixture.
+
+    ``z_n ~ Categorical(weights)``, ``x_n ~ N(means[z_n], covariances[z_n])`` with
+    ``weights: [K]`` on the simplex, ``means: [K, D]``, ``covariances: [K, D, D]`` symmetric
+    positive definite. Returns ``x: [N, D]`` float32 and the truth ``{"weights", "means",
+    "covariances"}`` (float32) with ``"z": [N]`` int64, drawn from a private generator seeded
+    with ``seed``.
+    """
+    num_data = _check_count(num_data)
+    weights = _as_float_tensor(weights, "weights")
+    means = _as_float_tensor(means, "means")
+    covariances = _as_float_tensor(covariances, "covariances")
+    if weights.dim() != 1 or weights.shape[0] == 0:
+        raise ZooError(f"weights must be a vector [K], got shape {tuple(weights.shape)}")
+    num_components = weights.shape[0]
+    if means.dim() != 2 or means.shape[0] != num_components:
+        raise ZooError(f"means must have shape [K, D] with K = {num_components} (the length of "
+                       f"weights), got {tuple(means.shape)}")
+    dim = means.shape[1]
+    if covariances.shape != (num_components, dim, dim):
+        raise ZooError(f"covariances must have shape [K, D, D] = {(num_components, dim, dim)} "
+                       f"to match means {tuple(means.shape)}, got {tuple(covariances.shape)}")
+    if (weights < 0).any() or abs(float(weights.sum()) - 1) > 1e-4:
+        raise ZooError(f"weights must be non-negative and sum to 1, got {weights.tolist()}: "
+                       "divide them by their sum")
+    cov64 = covariances.double()
+    for k in range(num_components):
+        if not torch.allclose(cov64[k], cov64[k].T, rtol=1e-5, atol=1e-6):
+            raise ZooError(f"covariances[{k}] is not symmetric: use (C + C.T) / 2")
+    cholesky, info = torch.linalg.cholesky_ex(cov64)
+    if (info != 0).any():
+        k = int(torch.nonzero(info)[0])
+        raise ZooError(f"covariances[{k}] is not positive definite: add a small multiple of the "
+                       "identity to it")
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.multinomial(weights, num_data, replacement=True, generator=generator)
+    eps = torch.randn(num_data, dim, generator=generator, dtype=torch.float64)
+    x = means.double()[z] + (cholesky[z] @ eps.unsqueeze(-1)).squeeze(-1)
+    truth = {"weights": weights, "means": means, "covariances": covariances, "z": z}
+    return x.float().contiguous(), truth
+
+
+def _check_count(num_data: int) -> int:
+    if isinstance(num_data, bool) or not isinstance(num_data, numbers.Integral) or num_data < 1:
+        raise ZooError(f"num_data must be a positive integer, got {num_data!r}")
+    return int(num_data)
+
+
+def _as_float_tensor(value, label: str) -> torch.Tensor:
+    tensor = torch.as_tensor(value, dtype=torch.float32).clone().contiguous()
+    if not torch.isfinite(tensor).all():
+        raise ZooError(f"{label} has nan or inf entries: give finite numbers")
+    return tensor
+
+
+def _load_synthetic_ppca(num_data: int, seed: int) -> Data:
+    truth_generator = torch.Generator().manual_seed(_PPCA_TRUTH_SEED)
+    W = torch.randn(_PPCA_DATA_DIM, _PPCA_LATENT_DIM, generator=truth_generator)
+    b = torch.randn(_PPCA_DATA_DIM, generator=truth_generator)
+    x, truth = synthetic_ppca(num_data, W, b, _PPCA_SIGMA, seed=seed)
+    del truth["z"]  # per-row latents would not follow the split; the truth is the parameters
+    return Data("synthetic-ppca", x, None, None, None, truth=truth)
+
+
+def _load_synthetic_gmm(num_data: int, seed: int) -> Data:
+    x, truth = synthetic_gmm(num_data, *(torch.tensor(_GMM_TRUTH[key])
+                                         for key in ("weights", "means", "covariances")),
+                             seed=seed)
+    z = truth.pop("z")  # the component of each row becomes its label, split with it
+    return Data("synthetic-gmm", x, z, None, None, num_classes=len(_GMM_TRUTH["weights"]),
+                truth=truth)
+
+
+def _load_digits() -> Data:
+    from sklearn.datasets import load_digits  # imported here: slow, and only this loader needs it
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.data).float() / 16
+    y = torch.from_numpy(digits.target).long()
+    return Data("digits", x.contiguous(), y, None, None, image_shape=(8, 8), num_classes=10)
+
+
+def _load_torchvision(name: str, data_dir: str | None) -> Data:
+    """MNIST or Fashion-MNIST with its official test set; the files are read, not transformed."""
+    from torchvision import datasets  # imported here: slow, and only this loader needs it
+
+    dataset_class = getattr(datasets, _TORCHVISION_CLASSES[name])
+    root = Path(data_dir or os.environ.get("ZOO_DATA") or _DEFAULT_DATA_DIR).expanduser()
+    try:
+        splits = [dataset_class(root, train=train, download=False) for train in (True, False)]
+    except RuntimeError:
+        splits = _download(name, dataset_class, root)
+    x_train, x_test = (split.data.reshape(len(split.data), -1).float() / 255 for split in splits)
+    y_train, y_test = (split.targets.long() for split in splits)
+    return Data(name, x_train, y_train, x_test, y_test, image_shape=(28, 28), num_classes=10)
+
+
+def _download(name: str, dataset_class, root: Path) -> list:
+    """Both splits with ``download=True``, the network wait capped; ZooError when it fails.
+
+    A failed download removes the empty folders it made, so a mistyped root leaves no trace.
+    """
+    raw = root / dataset_class.__name__ / "raw"
+    new_folders = [folder for folder in (raw, raw.parent, root) if not folder.exists()]
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # torchvision's urlopen has no timeout of its own
+    try:
+        return [dataset_class(root, train=train, download=True) for train in (True, False)]
+    except (RuntimeError, OSError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = lines[-1] if lines else type(err).__name__
+        for folder in new_folders:
+            with contextlib.suppress(OSError):  # not empty: keep what was downloaded
+                folder.rmdir()
+        raise ZooError(
+            f"{name} is not in {raw}/ and could not be downloaded ({reason}): put the four files "
+            f"{', '.join(_IDX_FILES)} in DIR/{dataset_class.__name__}/raw/ and pass --data-dir DIR "
+            "or set ZOO_DATA=DIR, or run once on a machine with network so that torchvision "
+            "downloads them") from err
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def _load_file(path: Path) -> Data:
+    if not path.exists():
+        raise ZooError(f"no such file: {path}")
+    if not path.is_file():
+        raise ZooError(f"{path} is not a file: give a .csv or .npy file")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        x, columns = _read_csv(path)
+    elif suffix == ".npy":
+        x, columns = _read_npy(path), None
+    else:
+        raise ZooError(f"{path}: unknown file type {path.suffix or '(no extension)'!r}; use .csv "
+                       "(with a header row of column names) or .npy (a 2-D numeric array)")
+    return Data(path.stem, x, None, None, None, columns=columns)
+
+
+def _read_csv(path: Path) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """The numbers of a csv file with a header row; blank lines are skipped."""
+    lines, rows = [], []
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as stream:
+            reader = csv.reader(stream)
+            for row in reader:
+                if row:
+                    lines.append(reader.line_num)
+                    rows.append([cell.strip() for cell in row])
+    except UnicodeDecodeError as err:
+        raise ZooError(f"{path} is not a UTF-8 text file ({err.reason}): save it as csv "
+                       "in UTF-8") from err
+    except csv.Error as err:
+        raise ZooError(f"{path}, line {reader.line_num}: not valid csv ({err})") from err
+    except OSError as err:
+        raise ZooError(f"{path} could not be read ({err.strerror or err})") from err
+    if not rows:
+        raise ZooError(f"{path} is empty: expected a header row of column names, then numbers")
+    columns, body = tuple(rows[0]), rows[1:]
+    for j, column in enumerate(columns, 1):
+        if not column:
+            raise ZooError(f"{path}: column {j} of the header has no name: name every column")
+    if len(set(columns)) < len(columns):
+        repeated = sorted({column for column in columns if columns.count(column) > 1})
+        raise ZooError(f"{path}: the header repeats the column name(s) {', '.join(repeated)}: "
+                       "make every name unique")
+    if all(_is_number(column) for column in columns):
+        raise ZooError(f"{path}: the first line ({', '.join(columns)}) is numbers, not a header: "
+                       "add a header row of column names")
+    if not body:
+        raise ZooError(f"{path} has a header but no data rows")
+    values = np.empty((len(body), len(columns)), dtype=np.float64)
+    for i, row in enumerate(body):
+        place = f"{path}: data row {i + 1} (line {lines[i + 1]})"
+        if len(row) != len(columns):
+            raise ZooError(f"{place} has {len(row)} cells, the header has {len(columns)}: "
+                           "give every row one cell per column")
+        for j, cell in enumerate(row):
+            if not cell:
+                raise ZooError(f"{place}, column {columns[j]!r} is empty: remove or impute "
+                               "missing values")
+            try:
+                values[i, j] = float(cell)
+            except ValueError:
+                raise ZooError(f"{place}, column {columns[j]!r}: {cell!r} is not a number: the "
+                               "table must be all numbers (drop or encode text columns)") from None
+
+    def where(i: int, j: int) -> str:
+        return f"{path}: data row {i + 1} (line {lines[i + 1]}), column {columns[j]!r}"
+
+    return _to_table(values, where, path), columns
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_npy(path: Path) -> torch.Tensor:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ZooError(f"{path} could not be read as a .npy array ({err}): save a numeric "
+                       "array with numpy.save") from err
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        kind = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+        raise ZooError(f"{path}: expected a numeric array, got {kind}: save a float array")
+    if array.ndim == 1:
+        raise ZooError(f"{path}: expected a table [rows, columns], got shape {array.shape}; save "
+                       "it as x[:, None] for one column")
+    if array.ndim != 2:
+        raise ZooError(f"{path}: expected a table [rows, columns], got shape {array.shape}; "
+                       "reshape it to 2-D (images as x.reshape(len(x), -1))")
+
+    def where(i: int, j: int) -> str:
+        return f"{path}: entry [{i}, {j}] (0-based row, column)"
+
+    return _to_table(array.astype(np.float64), where, path)
+
+
+def _to_table(values: np.ndarray, where: Callable[[int, int], str], path: Path) -> torch.Tensor:
+    """A float32 tensor of a [rows, columns] array, refusing non-finite and too few rows."""
+    rows, cols = values.shape
+    if cols == 0:
+        raise ZooError(f"{path} has no columns: expected a table [rows, columns]")
+    if rows < 2:
+        raise ZooError(f"{path} has {rows} data row(s): need at least 2")
+    bad = np.argwhere(~np.isfinite(values))
+    if len(bad):
+        i, j = bad[0]
+        fix = "remove or impute missing values" if np.isnan(values[i, j]) else "replace it"
+        raise ZooError(f"{where(i, j)} is {values[i, j]}: {fix}")
+    x = torch.from_numpy(values).float()
+    bad = torch.nonzero(~torch.isfinite(x))
+    if len(bad):
+        i, j = bad[0].tolist()
+        raise ZooError(f"{where(i, j)} is {values[i, j]:g}, beyond the float32 range: rescale "
+                       "the column")
+    return x.contiguous()
+
+
+def _subset(data: Data, num_data: int | None, generator: torch.Generator) -> Data:
+    """Keep a random ``num_data`` of the training rows (in their original order)."""
+    if num_data is None:
+        return data
+    if num_data > data.num_train:
+        raise ZooError(f"num_data {num_data} is more than the {data.num_train} rows of "
+                       f"{data.name}: ask for fewer")
+    keep = torch.randperm(data.num_train, generator=generator)[:num_data].sort().values
+    y_train = None if data.y_train is None else data.y_train[keep]
+    return dataclasses.replace(data, x_train=data.x_train[keep], y_train=y_train)
+
+
+def _split(data: Data, test_fraction: float, generator: torch.Generator) -> Data:
+    """Move a random ``test_fraction`` of the rows to the test split (both keep row order)."""
+    if data.x_test is not None:  # an official test set
+        if test_fraction == 0:
+            return dataclasses.replace(data, x_test=None, y_test=None)
+        return data
+    if test_fraction == 0:
+        return data
+    num_rows = data.num_train
+    num_test = max(1, round(num_rows * test_fraction))
+    if num_test >= num_rows:
+        raise ZooError(f"test_fraction {test_fraction} leaves no training rows of the {num_rows} "
+                       f"rows of {data.name}: lower it, or use 0 for no test split")
+    order = torch.randperm(num_rows, generator=generator)
+    test, train = order[:num_test].sort().values, order[num_test:].sort().values
+    y = data.y_train
+    return dataclasses.replace(
+        data, x_train=data.x_train[train], x_test=data.x_train[test],
+        y_train=None if y is None else y[train], y_test=None if y is None else y[test])
+
+
+def _standardize(data: Data) -> Data:
+    """Columns to mean 0 and standard deviation 1 on the training rows; test rows alike."""
+    x = data.x_train
+    constant = torch.nonzero((x == x[0]).all(dim=0)).flatten().tolist()
+    if constant:
+        names = [repr(data.columns[j]) if data.columns else str(j) for j in constant]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        if not data.columns:
+            shown += " (0-based)"
+        raise ZooError(f"cannot standardize {data.name}: column(s) {shown} are constant on the "
+                       "training rows (standard deviation 0); drop them, or do not standardize")
+    x64 = x.double()
+    shift = x64.mean(dim=0)
+    scale = x64.std(dim=0, correction=0)
+
+    def apply(values: torch.Tensor | None) -> torch.Tensor | None:
+        return None if values is None else ((values.double() - shift) / scale).float()
+
+    return dataclasses.replace(data, x_train=apply(data.x_train), x_test=apply(data.x_test),
+                               shift=shift.float(), scale=scale.float())
