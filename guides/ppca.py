@@ -1,0 +1,109 @@
+r"""Amortized guides q(z | x) for probabilistic PCA (:mod:`zoo.models.ppca`).
+
+Both guides mirror the model: ``forward(x)`` with ``x: [N, D]`` samples the site ``"z"``,
+``[N, M]``, inside the plate ``"data"`` of size N at dim -1. Both encode x linearly,
+
+    q(z_n | x_n) = N(A x_n + c, Sigma),     A: [M, D], c: [M]  (``self.encoder``),
+
+with a covariance Sigma that does not depend on x_n, because the exact posterior of PPCA,
+N(M^-1 W^T (x_n - b), sigma^2 M^-1) with M = W^T W + sigma^2 I_M, has that form. All parameters
+belong to the guide (the encoder); the model's are the decoder's.
+
+- :class:`MeanFieldGuide` (``meanfield``): Sigma = diag(s^2).
+- :class:`FullGuide` (``full``): Sigma = L L^T, L lower triangular; contains the exact posterior.
+
+``best_for(model)`` builds the member of each family closest to the model's posterior, for every
+x at once, so tests can check that bounds are tight (full) or have the known gap (mean field).
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule, PyroParam
+from torch import Tensor, nn
+from torch.distributions import constraints
+
+from zoo.models.ppca import PPCA, check_dims, posterior_parameters
+
+
+class MeanFieldGuide(PyroModule):
+    """q(z_n | x_n) = N(A x_n + c, diag(s^2)): a linear encoder and one scale per latent
+    dimension, ``s: [M]``, shared by all x (the exact posterior covariance is constant in x, so
+    this family contains the best mean-field fit for every x)."""
+
+    def __init__(self, data_dim: int, latent_dim: int):
+        super().__init__()
+        check_dims(data_dim, latent_dim)
+        self.data_dim = data_dim
+        self.latent_dim = latent_dim
+        self.encoder = PyroModule[nn.Linear](data_dim, latent_dim)   # x -> A x + c
+        self.scale = PyroParam(torch.ones(latent_dim), constraint=constraints.positive)
+
+    def distribution(self, x: Tensor) -> dist.Independent:
+        """q(z | x) as ``Independent(Normal(A x + c, s), 1)``: batch [N], event [M]."""
+        return dist.Normal(self.encoder(x), self.scale).to_event(1)
+
+    def forward(self, x: Tensor) -> None:
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", self.distribution(x))
+
+    @classmethod
+    def best_for(cls, model: PPCA) -> MeanFieldGuide:
+        """The mean-field guide minimizing KL(q(z|x) || p(z|x)) for every x at the model's
+        current parameters.
+
+        For a Gaussian target with precision Lambda = M / sigma^2, the reverse-KL-optimal
+        diagonal Gaussian has the target's mean and variances 1 / Lambda_ii (not the marginal
+        variances Sigma_ii), so A = M^-1 W^T, c = -A b and
+
+            s_i = 1 / sqrt(Lambda_ii) = sigma / sqrt(sum_d W_di^2 + sigma^2),
+
+        leaving KL = 1/2 (sum_i log Lambda_ii - log det Lambda) >= 0, zero only when the
+        columns of W are orthogonal. Built in the model's dtype; torch's global RNG is untouched.
+        """
+        with torch.no_grad():
+            W, b, sigma = model.W, model.b, model.sigma
+            A, c, _ = posterior_parameters(W, b, sigma)
+            with torch.random.fork_rng(devices=[]):
+                guide = cls(model.data_dim, model.latent_dim).to(W)
+            guide.encoder.weight.copy_(A)
+            guide.encoder.bias.copy_(c)
+            guide.scale = sigma / (W.square().sum(0) + sigma**2).sqrt()
+        return guide
+
+
+class FullGuide(PyroModule):
+    """q(z_n | x_n) = N(A x_n + c, L L^T): a linear encoder and a lower-triangular ``L: [M, M]``
+    with positive diagonal, shared by all x. This family contains the exact posterior."""
+
+    def __init__(self, data_dim: int, latent_dim: int):
+        super().__init__()
+        check_dims(data_dim, latent_dim)
+        self.data_dim = data_dim
+        self.latent_dim = latent_dim
+        self.encoder = PyroModule[nn.Linear](data_dim, latent_dim)   # x -> A x + c
+        self.scale_tril = PyroParam(torch.eye(latent_dim), constraint=constraints.lower_cholesky)
+
+    def distribution(self, x: Tensor) -> dist.MultivariateNormal:
+        """q(z | x) as ``MultivariateNormal(A x + c, scale_tril=L)``: batch [N], event [M]."""
+        return dist.MultivariateNormal(self.encoder(x), scale_tril=self.scale_tril)
+
+    def forward(self, x: Tensor) -> None:
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", self.distribution(x))
+
+    @classmethod
+    def best_for(cls, model: PPCA) -> FullGuide:
+        """The exact posterior of the model at its current parameters, as a guide:
+        A = M^-1 W^T, c = -A b, L = chol(sigma^2 M^-1), so KL(q(z|x) || p(z|x)) = 0 for every x.
+        Built in the model's dtype; torch's global RNG is untouched."""
+        with torch.no_grad():
+            A, c, L = posterior_parameters(model.W, model.b, model.sigma)
+            with torch.random.fork_rng(devices=[]):
+                guide = cls(model.data_dim, model.latent_dim).to(model.W)
+            guide.encoder.weight.copy_(A)
+            guide.encoder.bias.copy_(c)
+            guide.scale_tril = L
+        return guide

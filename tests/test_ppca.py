@@ -1,0 +1,303 @@
+"""Probabilistic PCA: the closed forms against brute force, and the guides against the closed forms.
+
+Closed forms are compared in float64 to round-off tolerances; the one Monte-Carlo test derives its
+tolerance from the standard errors of the estimates it checks.
+"""
+
+import math
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+from sklearn.decomposition import PCA
+from torch.distributions import MultivariateNormal, kl_divergence
+
+from zoo.errors import ZooError
+from zoo.guides.ppca import FullGuide, MeanFieldGuide
+from zoo.models.ppca import PPCA, marginal_log_prob, maximum_likelihood, posterior
+
+pyro.settings.set(module_local_params=True)
+
+f64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+def random_parameters(D, M, sigma=0.7):
+    W = torch.randn(D, M, dtype=f64)
+    b = torch.randn(D, dtype=f64)
+    return W, b, torch.tensor(sigma, dtype=f64)
+
+
+def random_model(D, M, sigma=0.7):
+    model = PPCA(D, M).double()
+    model.set_parameters(*random_parameters(D, M, sigma))
+    return model
+
+
+def simulate(W, b, sigma, N):
+    """x = z W^T + b + sigma eps, straight from the generative process."""
+    D, M = W.shape
+    z = torch.randn(N, M, dtype=W.dtype)
+    return z @ W.T + b + sigma * torch.randn(N, D, dtype=W.dtype)
+
+
+def log_weights(model, guide, x, num_particles):
+    """log p(x, z_kn) - log q(z_kn | x_n), [K, N], from a guide trace replayed in the model."""
+    with pyro.plate("particles", num_particles, dim=-2):
+        guide_trace = poutine.trace(guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    guide_trace.compute_log_prob()
+    model_trace.compute_log_prob()
+    z = guide_trace.nodes["z"]["value"]
+    log_joint = model_trace.nodes["z"]["log_prob"] + model_trace.nodes["x"]["log_prob"]
+    return log_joint - guide_trace.nodes["z"]["log_prob"], z
+
+
+# --- closed forms against brute force ---------------------------------------------------------
+
+def test_marginal_log_prob_equals_dense_gaussian():
+    D, M = 7, 3
+    W, b, sigma = random_parameters(D, M, sigma=0.4)
+    x = simulate(W, b, sigma, 20) + torch.randn(20, D, dtype=f64)   # also points off the model
+    dense = MultivariateNormal(b, W @ W.T + sigma**2 * torch.eye(D, dtype=f64))
+    expected = dense.log_prob(x)
+    torch.testing.assert_close(marginal_log_prob(x, W, b, sigma), expected, atol=1e-8, rtol=0)
+    # extra leading dimensions batch; float32 in gives float32 out
+    torch.testing.assert_close(marginal_log_prob(x.view(4, 5, D), W, b, sigma),
+                               expected.view(4, 5), atol=1e-8, rtol=0)
+    low = marginal_log_prob(x.float(), W.float(), b.float(), sigma.float())
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low.double(), expected, atol=1e-3, rtol=1e-5)
+
+
+def test_one_dimensional_case_by_numerical_integration():
+    W, b, sigma = torch.tensor([[1.3]], dtype=f64), torch.tensor([0.4], dtype=f64), 0.7
+    x = torch.tensor([[-2.0], [0.4], [1.1], [3.5]], dtype=f64)
+    z = torch.linspace(-15, 15, 300_001, dtype=f64)
+    prior = torch.distributions.Normal(0.0, 1.0).log_prob(z)
+    likelihood = torch.distributions.Normal(W[0, 0] * z + b, sigma).log_prob(x)   # [4, grid]
+    joint = (prior + likelihood).exp()
+    evidence = torch.trapezoid(joint, z)
+    mean = torch.trapezoid(z * joint, z) / evidence
+    variance = torch.trapezoid((z - mean[:, None]) ** 2 * joint, z) / evidence
+
+    torch.testing.assert_close(marginal_log_prob(x, W, b, sigma).exp(), evidence,
+                               atol=1e-12, rtol=1e-9)
+    exact = posterior(x, W, b, sigma)
+    torch.testing.assert_close(exact.mean[:, 0], mean, atol=1e-9, rtol=0)
+    torch.testing.assert_close(exact.covariance_matrix[:, 0, 0], variance, atol=1e-9, rtol=0)
+
+
+def test_posterior_equals_gaussian_conditioning_of_the_joint():
+    D, M, N = 6, 3, 10
+    W, b, sigma = random_parameters(D, M)
+    x = simulate(W, b, sigma, N)
+    # [z; x] ~ N([0; b], [[I, W^T], [W, W W^T + sigma^2 I]])
+    S_zx, S_xx = W.T, W @ W.T + sigma**2 * torch.eye(D, dtype=f64)
+    gain = torch.linalg.solve(S_xx, S_zx.T).T                        # S_zx S_xx^-1, [M, D]
+    mean = (x - b) @ gain.T
+    covariance = torch.eye(M, dtype=f64) - gain @ S_zx.T
+
+    exact = posterior(x, W, b, sigma)
+    assert isinstance(exact, MultivariateNormal)
+    assert exact.batch_shape == (N,) and exact.event_shape == (M,)
+    torch.testing.assert_close(exact.mean, mean, atol=1e-10, rtol=0)
+    torch.testing.assert_close(exact.covariance_matrix, covariance.expand(N, M, M),
+                               atol=1e-10, rtol=0)
+
+
+def test_model_methods_use_the_model_parameters():
+    model = random_model(5, 2)
+    x = torch.randn(8, 5, dtype=f64)
+    W, b, sigma = model.W, model.b, model.sigma
+    assert set(model.state_dict()) == {"W", "b", "sigma_unconstrained"}
+    torch.testing.assert_close(model.sigma, torch.tensor(0.7, dtype=f64))
+    torch.testing.assert_close(model.marginal_log_prob(x), marginal_log_prob(x, W, b, sigma))
+    torch.testing.assert_close(model.posterior(x).mean, posterior(x, W, b, sigma).mean)
+
+
+# --- guides against the posterior ------------------------------------------------------------
+
+def test_exact_guide_makes_every_log_weight_equal_the_log_marginal():
+    model = random_model(6, 2)
+    x = simulate(model.W.detach(), model.b.detach(), 0.7, 12)
+    log_w, z = log_weights(model, FullGuide.best_for(model), x, num_particles=10)
+    assert z.std(0).min() > 0.05                       # the draws do differ ...
+    torch.testing.assert_close(log_w, model.marginal_log_prob(x).expand(10, 12).detach(),
+                               atol=1e-9, rtol=0)     # ... but every weight is p(x)
+    # the identity needs the exact posterior: the best mean-field guide's weights vary
+    log_w, _ = log_weights(model, MeanFieldGuide.best_for(model), x, num_particles=10)
+    assert log_w.std(0).min() > 1e-3
+
+
+def test_elbo_of_exact_guide_is_the_log_likelihood():
+    model = random_model(6, 2)
+    x = simulate(model.W.detach(), model.b.detach(), 0.7, 12)
+    loss = Trace_ELBO().differentiable_loss(model, FullGuide.best_for(model), x)
+    torch.testing.assert_close(loss, -model.marginal_log_prob(x).sum(), atol=1e-8, rtol=0)
+
+
+def test_exact_guide_and_best_meanfield_guide():
+    D, M, N = 6, 3, 8
+    model = random_model(D, M)
+    x = torch.randn(N, D, dtype=f64)
+    exact = model.posterior(x)
+
+    full = FullGuide.best_for(model).distribution(x)
+    torch.testing.assert_close(full.mean, exact.mean, atol=1e-10, rtol=0)
+    torch.testing.assert_close(full.covariance_matrix, exact.covariance_matrix, atol=1e-10, rtol=0)
+
+    q = MeanFieldGuide.best_for(model).distribution(x)
+    loc = q.base_dist.loc.detach().requires_grad_()
+    scale = q.base_dist.scale.detach().requires_grad_()
+
+    def kl(loc, scale):
+        return kl_divergence(MultivariateNormal(loc, scale_tril=torch.diag_embed(scale)), exact)
+
+    Lambda = exact.precision_matrix[0]                                # M / sigma^2
+    gap = 0.5 * (Lambda.diagonal().log().sum() - torch.logdet(Lambda))
+    assert gap > 0.01                                     # W's columns are not orthogonal
+    best = kl(loc, scale)
+    torch.testing.assert_close(best, gap.expand(N), atol=1e-10, rtol=0)
+    best.sum().backward()                                             # a stationary point ...
+    assert loc.grad.abs().max() < 1e-9 and scale.grad.abs().max() < 1e-9
+    with torch.no_grad():                                             # ... and the minimum
+        for _ in range(20):
+            assert (kl(loc, scale * torch.exp(0.05 * torch.randn(M, dtype=f64))) > best).all()
+            assert (kl(loc + 0.05 * torch.randn(N, M, dtype=f64), scale) > best).all()
+
+
+@pytest.mark.parametrize("Guide", [MeanFieldGuide, FullGuide])
+def test_model_and_guide_broadcast_under_a_particle_plate(Guide):
+    K, N, D, M = 5, 7, 4, 2
+    model, guide = PPCA(D, M), Guide(D, M)
+    x = torch.randn(N, D)
+    log_w, z = log_weights(model, guide, x, num_particles=K)
+    assert z.shape == (K, N, M)
+    assert log_w.shape == (K, N)
+    assert torch.isfinite(log_w).all()
+    assert guide.distribution(x).batch_shape == (N,)
+    assert guide.distribution(x).event_shape == (M,)
+
+
+@pytest.mark.parametrize("Guide", [MeanFieldGuide, FullGuide])
+def test_elbo_gradient_reaches_every_parameter(Guide):
+    model, guide = PPCA(4, 2), Guide(4, 2)
+    x = torch.randn(30, 4)
+    Trace_ELBO().differentiable_loss(model, guide, x).backward()
+    for module in (model, guide):
+        for name, parameter in module.named_parameters():
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+# --- maximum likelihood -----------------------------------------------------------------------
+
+@pytest.fixture
+def table():
+    W, b, sigma = random_parameters(6, 2, sigma=0.5)
+    return simulate(W, b, sigma, 400), (W, b, sigma)
+
+
+def test_maximum_likelihood_is_a_stationary_point(table):
+    x, _ = table
+    W, b, sigma = (t.requires_grad_() for t in maximum_likelihood(x, 2))
+    marginal_log_prob(x, W, b, sigma).mean().backward()
+    for t in (W, b, sigma):
+        assert t.grad.abs().max() < 1e-9
+
+
+def test_maximum_likelihood_matches_sklearn(table):
+    x, _ = table
+    N, D = x.shape
+    W, b, sigma = maximum_likelihood(x, 2)
+    C = W @ W.T + sigma**2 * torch.eye(D, dtype=f64)
+    sklearn_C = torch.from_numpy(PCA(n_components=2).fit(x.numpy()).get_covariance())
+    torch.testing.assert_close(C * N / (N - 1), sklearn_C, atol=1e-10, rtol=1e-10)
+
+
+def test_maximum_likelihood_beats_truth_and_perturbations(table):
+    x, truth = table
+    W, b, sigma = maximum_likelihood(x, 2)
+    best = marginal_log_prob(x, W, b, sigma).mean()
+    assert best > marginal_log_prob(x, *truth).mean()
+    for _ in range(20):
+        assert best > marginal_log_prob(x, W + 0.01 * torch.randn_like(W), b, sigma).mean()
+        assert best > marginal_log_prob(x, W, b + 0.01 * torch.randn_like(b), sigma).mean()
+        assert best > marginal_log_prob(x, W, b, sigma * math.exp(0.01 * torch.randn(()))).mean()
+    # any rotation of W is equally good
+    c, s = math.cos(0.8), math.sin(0.8)
+    R = torch.tensor([[c, -s], [s, c]], dtype=f64)
+    torch.testing.assert_close(marginal_log_prob(x, W @ R, b, sigma).mean(), best,
+                               atol=1e-12, rtol=0)
+
+
+def test_maximum_likelihood_method_returns_a_new_model(table):
+    x, _ = table
+    model = PPCA(6, 2)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    optimum = model.maximum_likelihood(x)
+    assert isinstance(optimum, PPCA) and optimum is not model
+    assert (optimum.data_dim, optimum.latent_dim) == (6, 2)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name])
+    W, b, sigma = maximum_likelihood(x, 2)
+    assert optimum.W.dtype == f64
+    torch.testing.assert_close(optimum.W.detach(), W)
+    torch.testing.assert_close(optimum.b.detach(), b)
+    torch.testing.assert_close(optimum.sigma.detach(), sigma)
+
+
+# --- the generative process -------------------------------------------------------------------
+
+def test_samples_from_the_model_have_its_mean_and_covariance():
+    D, M, N = 4, 2, 50_000
+    model = random_model(D, M, sigma=0.5)
+    trace = poutine.trace(poutine.uncondition(model)).get_trace(torch.zeros(N, D, dtype=f64))
+    x = trace.nodes["x"]["value"]
+    W, b = model.W.detach(), model.b.detach()
+    C = W @ W.T + 0.25 * torch.eye(D, dtype=f64)
+    # standard errors of the sample mean and of each sample-covariance entry of a Gaussian
+    mean_se = (C.diagonal() / N).sqrt()
+    cov_se = ((C.diagonal()[:, None] * C.diagonal()[None, :] + C**2) / N).sqrt()
+    assert ((x.mean(0) - b).abs() < 5 * mean_se).all()
+    assert ((torch.cov(x.T) - C).abs() < 5 * cov_se).all()
+
+
+def test_initialize_from_data_follows_the_data_scale():
+    x = 1000 * torch.randn(300, 10) + 50
+    model = PPCA(10, 5)
+    model.initialize_from_data(x)
+    s = x.var(0, unbiased=False).mean().sqrt()
+    torch.testing.assert_close(model.b.detach(), x.mean(0))
+    torch.testing.assert_close(model.sigma.detach(), 0.5 * s)
+    assert 0.05 * s < model.W.std() < 0.2 * s
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("Module", [PPCA, MeanFieldGuide, FullGuide])
+@pytest.mark.parametrize("latent_dim", [0, 10, 12])
+def test_latent_dim_out_of_range(Module, latent_dim):
+    with pytest.raises(ZooError, match=rf"between 1 and D-1 = 9 .* D = 10 .*got {latent_dim}"):
+        Module(10, latent_dim)
+
+
+def test_bad_data():
+    with pytest.raises(ZooError, match="at least 2 columns"):
+        PPCA(1, 1)
+    with pytest.raises(ZooError, match="between 1 and D-1 = 4"):
+        maximum_likelihood(torch.randn(20, 5), 5)
+    with pytest.raises(ZooError, match="at least 2 rows"):
+        maximum_likelihood(torch.randn(1, 5), 2)
+    with pytest.raises(ZooError, match="subspace of dimension <= 2"):
+        maximum_likelihood(torch.randn(3, 5), 2)           # 3 centred rows span 2 dimensions
+    with pytest.raises(ZooError, match=r"shape \[N, D = 5\]"):
+        PPCA(5, 2).marginal_log_prob(torch.randn(4, 6))
