@@ -1,0 +1,115 @@
+"""The ``zoo`` command: listing, train/evaluate/resume round trips, and bad input (one line on
+stderr, exit status 2, never a stack trace)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from zoo.cli import main
+
+TINY = ["--steps", "30", "--batch-size", "200", "--quiet"]
+
+
+def _fails_with(capsys, argv, message):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("zoo: error: ")
+    assert message in lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_list_shows_models_guides_objectives_and_data(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ppca", "meanfield", "full", "elbo", "digits", "mnist", "synthetic-ppca"):
+        assert name in out
+
+
+def test_train_evaluate_and_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "ppca", "--guide", "full", "--out", str(run), *TINY]) == 0
+    assert capsys.readouterr().out.strip() == str(run)
+    assert {p.name for p in run.iterdir()} >= {"config.json", "checkpoint.pt", "metrics.csv",
+                                               "figures"}
+    assert main(["evaluate", str(run), "--particles", "50", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"train", "test"}
+    for split in result.values():
+        assert {"elbo", "log_likelihood", "exact_log_likelihood", "mle_log_likelihood",
+                "posterior_kl"} <= set(split)
+        assert split["elbo"] <= split["exact_log_likelihood"]
+    assert result["train"]["exact_log_likelihood"] <= result["train"]["mle_log_likelihood"]
+    assert main(["train", "--resume", str(run), "--steps", "45", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--particles", "10"]) == 0
+    assert "exact_log_likelihood" in capsys.readouterr().out
+
+
+def test_no_test_split_gives_only_train_metrics(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "ppca", "--test-fraction", "0", "--out", str(run), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--particles", "10", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"train"}
+
+
+def test_user_csv_table(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(300, 2)) @ rng.normal(size=(2, 5)) + rng.normal(size=(300, 5))
+    path = tmp_path / "table.csv"
+    np.savetxt(path, table, delimiter=",", header="a,b,c,d,e", comments="")
+    run = tmp_path / "run"
+    assert main(["train", "ppca", "--data", str(path), "--standardize", "--out", str(run),
+                 *TINY]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "pcaa"], "unknown model 'pcaa'; choose one of: ppca"),
+    (["train", "ppca", "--guide", "diag"], "unknown guide 'diag' for model ppca; choose one of"),
+    (["train", "ppca", "--loss", "elbow"], "unknown objective 'elbow'; choose one of: elbo"),
+    (["train", "ppca", "--dataset", "digitz"], "unknown data set 'digitz'"),
+    (["train", "ppca", "--latent-dim", "0"], "--latent-dim"),
+    (["train", "ppca", "--latent-dim", "10"], "--latent-dim"),
+    (["train", "ppca", "--data", "no/such/file.csv"], "no such file"),
+    (["train", "ppca", "--particles", "0"], "--particles must be at least 1"),
+    (["train", "ppca", "--epochs", "0"], "--epochs must be at least 1"),
+    (["train"], "name a model"),
+    (["evaluate", "no/such/run"], "not a run folder"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    _fails_with(capsys, argv, message)
+
+
+def test_nan_in_data_is_refused(tmp_path, capsys):
+    path = tmp_path / "table.csv"
+    path.write_text("a,b,c\n1,2,3\n4,nan,6\n7,8,9\n")
+    _fails_with(capsys, ["train", "ppca", "--data", str(path), "--latent-dim", "1"], "nan")
+
+
+def test_existing_run_folder_needs_force(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "ppca", "--out", str(run), *TINY]) == 0
+    _fails_with(capsys, ["train", "ppca", "--out", str(run), *TINY], "--force")
+    assert main(["train", "ppca", "--out", str(run), "--force", *TINY]) == 0
+
+
+def test_resume_refuses_other_settings(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "ppca", "--out", str(run), *TINY]) == 0
+    _fails_with(capsys, ["train", "--resume", str(run), "--lr", "0.1"], "drop --lr")
+
+
+@pytest.mark.parametrize("command", [[str(Path(sys.executable).parent / "zoo")],
+                                     [sys.executable, "-m", "zoo"]])
+def test_console_script_and_module_entry_point(command, tmp_path):
+    done = subprocess.run([*command, "train", "nope"], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "zoo: error: unknown model 'nope'; choose one of: ppca"
+    done = subprocess.run([*command, "list"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0 and "ppca" in done.stdout

@@ -1,0 +1,142 @@
+"""The training engine: reproducibility, resume, non-finite stops, run folders, clipping."""
+
+import pytest
+import torch
+
+from zoo import runs
+from zoo.errors import ZooError
+from zoo.experiment import build_experiment, load_run, resume_run, train_run
+from zoo.train import TrainingDiverged, TrainSettings, fit
+
+
+def _parameters(experiment):
+    return {**{f"model.{k}": v for k, v in experiment.model.state_dict().items()},
+            **{f"guide.{k}": v for k, v in experiment.guide.state_dict().items()}}
+
+
+def _assert_bitwise_equal(first, second):
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_same_seed_gives_bitwise_same_parameters(small_ppca_config):
+    results = []
+    for _ in range(2):
+        experiment = build_experiment(small_ppca_config, quiet=True)
+        fit(experiment.model, experiment.guide, experiment.objective, experiment.train_inputs,
+            settings=experiment.settings)
+        results.append(_parameters(experiment))
+    _assert_bitwise_equal(*results)
+    other = dict(small_ppca_config, train={**small_ppca_config["train"], "seed": 1})
+    experiment = build_experiment(other, quiet=True)
+    fit(experiment.model, experiment.guide, experiment.objective, experiment.train_inputs,
+        settings=experiment.settings)
+    assert not torch.equal(_parameters(experiment)["model.W"], results[0]["model.W"])
+
+
+def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(small_ppca_config, tmp_path):
+    whole = train_run(small_ppca_config, tmp_path / "whole", quiet=True)
+
+    experiment = build_experiment(small_ppca_config, quiet=True)
+    stopped = runs.create_run_dir(tmp_path / "stopped")
+    runs.write_config(stopped, small_ppca_config)
+
+    def stop_after_epoch_three(row):
+        if row["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(experiment.model, experiment.guide, experiment.objective, experiment.train_inputs,
+            test=experiment.test_inputs, settings=experiment.settings, run_dir=stopped,
+            on_epoch=stop_after_epoch_three)
+    assert len(runs.read_metrics(stopped)) == 3
+    resume_run(stopped, quiet=True)
+
+    _assert_bitwise_equal(_parameters(load_run(whole)), _parameters(load_run(stopped)))
+    losses = [[(row["epoch"], row["train_loss"], row["test_loss"]) for row in
+               runs.read_metrics(run_dir)] for run_dir in (whole, stopped)]
+    assert losses[0] == losses[1]
+
+
+def test_resume_extends_a_finished_run(small_ppca_config, tmp_path):
+    run_dir = train_run(small_ppca_config, tmp_path / "run", quiet=True)
+    resume_run(run_dir, epochs=8, quiet=True)
+    assert [row["epoch"] for row in runs.read_metrics(run_dir)] == list(range(1, 9))
+    assert runs.read_config(run_dir)["train"]["epochs"] == 8
+
+
+class _NonFiniteAfter:
+    """An objective that returns nan from its ``bad_step``-th call on."""
+
+    def __init__(self, objective, bad_step):
+        self.objective, self.bad_step, self.calls = objective, bad_step, 0
+
+    def differentiable_loss(self, model, guide, *args):
+        self.calls += 1
+        loss = self.objective.differentiable_loss(model, guide, *args)
+        return loss * float("nan") if self.calls >= self.bad_step else loss
+
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(
+        small_ppca_config, tmp_path):
+    experiment = build_experiment(small_ppca_config, quiet=True)
+    run_dir = runs.create_run_dir(tmp_path / "run")
+    steps_per_epoch = -(-experiment.data.num_train // 100)
+    bad = 2 * steps_per_epoch + 5
+    with pytest.raises(TrainingDiverged, match=rf"epoch 3, step 5 \(step {bad} overall\)"):
+        fit(experiment.model, experiment.guide, _NonFiniteAfter(experiment.objective, bad),
+            experiment.train_inputs, settings=experiment.settings, run_dir=run_dir)
+    checkpoint = runs.load_checkpoint(run_dir)
+    assert checkpoint["step"] == 2 * steps_per_epoch
+    assert len(runs.read_metrics(run_dir)) == 2
+    assert all(torch.isfinite(value).all() for value in checkpoint["model"].values())
+    assert not list(run_dir.glob("*.tmp"))
+
+
+def test_checkpoint_loads_with_weights_only(small_ppca_config, tmp_path):
+    run_dir = train_run(small_ppca_config, tmp_path / "run", quiet=True)
+    checkpoint = torch.load(run_dir / runs.CHECKPOINT, weights_only=True)
+    assert {"model", "guide", "optimizer", "step", "history", "rng"} <= set(checkpoint)
+    assert (run_dir / "figures" / "loss.png").stat().st_size > 0
+
+
+def test_existing_run_folder_is_refused_unless_forced(small_ppca_config, tmp_path):
+    run_dir = train_run(small_ppca_config, tmp_path / "run", quiet=True)
+    with pytest.raises(ZooError, match="already exists.*--force"):
+        train_run(small_ppca_config, run_dir, quiet=True)
+    train_run(small_ppca_config, run_dir, force=True, quiet=True)
+
+
+def test_steps_override_epochs_and_the_last_epoch_may_be_partial(small_ppca_config):
+    experiment = build_experiment(small_ppca_config, quiet=True)
+    settings = TrainSettings(steps=40, batch_size=100, quiet=True)
+    history = fit(experiment.model, experiment.guide, experiment.objective,
+                  experiment.train_inputs, settings=settings)
+    steps_per_epoch = -(-experiment.data.num_train // 100)
+    assert history[-1]["step"] == 40
+    assert len(history) == -(-40 // steps_per_epoch)
+
+
+def test_gradient_clipping_bounds_the_update(small_ppca_config):
+    experiment = build_experiment(small_ppca_config, quiet=True)
+    before = [p.detach().clone() for p in
+              [*experiment.model.parameters(), *experiment.guide.parameters()]]
+    settings = TrainSettings(steps=1, optimizer="sgd", lr=1.0, clip_norm=1e-3, quiet=True)
+    fit(experiment.model, experiment.guide, experiment.objective, experiment.train_inputs,
+        settings=settings)
+    after = [*experiment.model.parameters(), *experiment.guide.parameters()]
+    change = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after, before, strict=True)))
+    assert 0 < change <= 1e-3 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"epochs": 0}, "--epochs must be at least 1"),
+    ({"batch_size": 0}, "--batch-size"),
+    ({"lr": -1.0}, "--lr must be positive"),
+    ({"optimizer": "adamm"}, "choose one of: adam, adamw, sgd"),
+    ({"device": "tpu"}, "--device must be cpu, cuda or auto"),
+])
+def test_bad_settings_are_refused(settings, message):
+    with pytest.raises(ZooError, match=message):
+        TrainSettings(**settings)

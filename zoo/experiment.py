@@ -1,0 +1,183 @@
+"""An experiment: a configuration (plain JSON) and everything rebuilt from it.
+
+The configuration is what ``config.json`` in a run folder holds, so a run can always be
+rebuilt, resumed and evaluated from its folder alone:
+
+    {"model": "ppca", "guide": "full", "options": {"latent_dim": 2},
+     "data": {"name": "synthetic-ppca", "file": null, "data_dir": null,
+              "test_fraction": 0.1, "standardize": false, "seed": 0},
+     "objective": {"name": "elbo", "num_particles": 1},
+     "train": {"epochs": 10, "steps": 3000, "batch_size": 256, "lr": 0.01, ...}}
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import zoo
+from zoo import plots, runs
+from zoo.data import Data, load_data
+from zoo.errors import ZooError
+from zoo.evaluate import evaluate
+from zoo.objectives import make_objective
+from zoo.registry import ModelEntry, build, get_model
+from zoo.train import TrainSettings, fit, seed_everything
+
+
+def make_config(model: str, *, guide: str | None = None, options: dict[str, Any] | None = None,
+                data: dict[str, Any] | None = None, objective: dict[str, Any] | None = None,
+                train: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A complete configuration: the given values over the registry's defaults for ``model``.
+
+    Values that are None count as not given; giving ``epochs`` without ``steps`` trains for
+    that many epochs even where the model's default is a number of steps. A data file path is made absolute, so the run
+    folder can be used from anywhere.
+    """
+    entry = get_model(model)
+    given = lambda values: {k: v for k, v in (values or {}).items() if v is not None}  # noqa: E731
+    data = {"name": None, "file": None, "data_dir": None, "test_fraction": 0.1,
+            "standardize": False, **given(data)}
+    if data["file"] is not None:
+        data["file"] = os.path.abspath(data["file"])
+    elif data["name"] is None:
+        data["name"] = entry.default_data
+    train, defaults = given(train), dict(entry.train)
+    if "epochs" in train:  # asking for epochs overrides a default number of steps
+        defaults.pop("steps", None)
+    settings = TrainSettings(**{**defaults, **train})
+    data["seed"] = settings.seed
+    return {
+        "model": entry.name,
+        "guide": guide or entry.default_guide,
+        "options": {**entry.options, **given(options)},
+        "data": data,
+        "objective": {"name": "elbo", "num_particles": 1, **given(objective)},
+        "train": settings.to_dict(),
+        "zoo_version": zoo.__version__,
+    }
+
+
+@dataclass
+class Experiment:
+    """Everything a configuration describes, built and ready to train or evaluate."""
+
+    config: dict[str, Any]
+    entry: ModelEntry
+    data: Data
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    objective: Any
+    settings: TrainSettings
+
+    @property
+    def train_inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.entry.inputs(self.data, "train")
+
+    @property
+    def test_inputs(self) -> tuple[torch.Tensor, ...] | None:
+        return self.entry.inputs(self.data, "test")
+
+
+def build_experiment(config: dict[str, Any], *, quiet: bool = False) -> Experiment:
+    """Load the data and build model, guide, objective and settings from ``config``.
+
+    The seed is set before the model and guide are built, so their initial values are
+    reproducible too.
+    """
+    entry = get_model(config["model"])
+    settings = TrainSettings(**config["train"], quiet=quiet)
+    data = load_data(**config["data"])
+    seed_everything(settings.seed)
+    model, guide = build(entry, config["guide"], data, config["options"])
+    objective = make_objective(**config["objective"])
+    return Experiment(config, entry, data, model, guide, objective, settings)
+
+
+def default_run_dir(config: dict[str, Any], root: str = "runs") -> Path:
+    data = config["data"]
+    dataset = data["name"] or Path(data["file"]).stem
+    return Path(root) / f"{config['model']}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train_run(config: dict[str, Any], out: str | os.PathLike | None = None, *,
+              force: bool = False, quiet: bool = False) -> Path:
+    """Train a new run described by ``config`` into a fresh run folder; return its path."""
+    experiment = build_experiment(config, quiet=quiet)
+    run_dir = runs.create_run_dir(out or default_run_dir(config), force=force)
+    runs.write_config(run_dir, config)
+    _train(experiment, run_dir, checkpoint=None)
+    return run_dir
+
+
+def resume_run(run_dir: str | os.PathLike, *, epochs: int | None = None,
+               steps: int | None = None, quiet: bool = False) -> Path:
+    """Continue a run from its checkpoint, optionally to a new total of epochs or steps."""
+    run_dir = Path(run_dir)
+    config = runs.read_config(run_dir)
+    if epochs is not None or steps is not None:
+        config["train"].update(epochs=epochs or config["train"]["epochs"], steps=steps)
+        runs.write_config(run_dir, config)
+    experiment = build_experiment(config, quiet=quiet)
+    _train(experiment, run_dir, checkpoint=runs.load_checkpoint(run_dir))
+    return run_dir
+
+
+def _train(experiment: Experiment, run_dir: Path, checkpoint: dict[str, Any] | None) -> None:
+    history = fit(experiment.model, experiment.guide, experiment.objective,
+                  experiment.train_inputs, test=experiment.test_inputs,
+                  settings=experiment.settings, run_dir=run_dir, checkpoint=checkpoint)
+    experiment.model.cpu(), experiment.guide.cpu()
+    draw_figures(experiment, history, run_dir / runs.FIGURES)
+
+
+@torch.no_grad()
+def draw_figures(experiment: Experiment, history: list[dict[str, float]], folder: Path
+                 ) -> list[Path]:
+    """The figures that apply to this run: always the loss curves (with the closed-form optimum
+    as reference when the model has one); exact against approximate posteriors of a few
+    training points when the model has a closed-form posterior and the guide exposes q."""
+    model, guide, x = experiment.model, experiment.guide, experiment.data.x_train
+    reference = None
+    if hasattr(model, "maximum_likelihood"):
+        reference = -model.maximum_likelihood(x).marginal_log_prob(x).mean().item()
+    figures = [plots.plot_training(history, folder / "loss.png", reference=reference,
+                                   reference_label="closed-form optimum")]
+    if hasattr(model, "posterior") and hasattr(guide, "distribution"):
+        points = x[:6]
+        figures.append(plots.plot_posterior_ellipses(
+            model.posterior(points), guide.distribution(points), folder / "posterior.png",
+            title=f"{experiment.entry.name}: exact vs {experiment.config['guide']} guide"))
+    return figures
+
+
+def load_run(run_dir: str | os.PathLike) -> Experiment:
+    """Rebuild a trained run, on the CPU, with the parameters of its last checkpoint."""
+    config = runs.read_config(run_dir)
+    checkpoint = runs.load_checkpoint(run_dir)
+    experiment = build_experiment(config, quiet=True)
+    experiment.model.load_state_dict(checkpoint["model"])
+    experiment.guide.load_state_dict(checkpoint["guide"])
+    return experiment
+
+
+def evaluate_run(run_dir: str | os.PathLike, *, num_samples: int = 1000) -> dict[str, Any]:
+    """Per-data-point metrics of a trained run, ``{"train": {...}, "test": {...}}`` (``test``
+    only when the run has a test split), computed with a fixed seed."""
+    if num_samples < 1:
+        raise ZooError(f"--particles must be at least 1; got {num_samples}")
+    experiment = load_run(run_dir)
+    seed_everything(experiment.settings.seed)
+    experiment.model.eval(), experiment.guide.eval()
+    result = {}
+    for split in ("train", "test"):
+        inputs = experiment.entry.inputs(experiment.data, split)
+        if inputs is not None:
+            result[split] = evaluate(experiment.model, experiment.guide, *inputs,
+                                     num_samples=num_samples, train_x=experiment.data.x_train)
+    return result

@@ -1,0 +1,90 @@
+"""Training objectives and the per-data-point log importance weights they are built on.
+
+Every objective has Pyro's ELBO interface (``loss``, ``differentiable_loss``,
+``loss_and_grads``), so it works in ``pyro.infer.SVI`` as well as in :func:`zoo.train.fit`.
+All of them return the loss *summed* over the data points they are given; the engine divides
+by the batch size to report nats per data point.
+
+The core quantity is the log importance weight of particle k for data point n,
+
+    log w_kn = log p(x_n, z_kn) - log q(z_kn | x_n),    z_kn ~ q(z | x_n),
+
+of shape ``[K, N]``, computed in one vectorized pass of guide and model under a particle plate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import ELBO, Trace_ELBO
+from pyro.poutine.util import site_is_subsample
+
+from zoo.errors import ZooError
+
+DATA_PLATE = "data"
+PARTICLE_PLATE = "particles"
+
+
+def _per_point_log_prob(trace: poutine.Trace, num_particles: int, num_data: int) -> torch.Tensor:
+    """Sum of the log densities of a trace's sample sites, kept per particle and data point.
+
+    Returns a tensor of shape ``[K, N]``. Every sample site must sit inside the data plate:
+    a global latent variable has no per-data-point weight.
+    """
+    total = torch.zeros(num_particles, num_data)
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        plates = {frame.name for frame in site["cond_indep_stack"]}
+        if DATA_PLATE not in plates or plates - {DATA_PLATE, PARTICLE_PLATE}:
+            raise ZooError(
+                f"per-data-point importance weights need every sample site inside exactly the "
+                f"'{DATA_PLATE}' plate; site '{name}' is in plates {sorted(plates)}. Models with "
+                f"global latent variables are trained with Trace_ELBO or enumeration instead."
+            )
+        total = total.to(site["log_prob"]) + site["log_prob"]
+    return total
+
+
+def log_weights(model: Callable, guide: Callable, *args: torch.Tensor, num_particles: int = 1
+                ) -> torch.Tensor:
+    """Log importance weights ``log p(x_n, z_kn) - log q(z_kn | x_n)`` of shape ``[K, N]``.
+
+    ``args`` are the model's inputs (data tensors whose first dimension is N). The guide is run
+    once under a plate of ``num_particles`` particles at dim -2, and the model is replayed
+    against its draws, so model and guide must put their data plate (named ``"data"``) at dim -1.
+    Gradients flow through the reparameterized draws.
+    """
+    if num_particles < 1:
+        raise ZooError(f"the number of particles must be at least 1; got {num_particles}")
+    num_data = args[0].shape[0]
+    with pyro.plate(PARTICLE_PLATE, num_particles, dim=-2):
+        guide_trace = poutine.trace(guide).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+    guide_trace.compute_log_prob()
+    model_trace.compute_log_prob()
+    return (_per_point_log_prob(model_trace, num_particles, num_data)
+            - _per_point_log_prob(guide_trace, num_particles, num_data))
+
+
+def elbo(num_particles: int = 1) -> ELBO:
+    """The evidence lower bound E_q[log p(x, z) - log q(z | x)], Pyro's ``Trace_ELBO`` with
+    ``num_particles`` draws per data point, vectorized."""
+    return Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
+                      max_plate_nesting=1)
+
+
+OBJECTIVES: dict[str, Callable[..., ELBO]] = {"elbo": elbo}
+"""Objective name -> factory taking keyword options (``num_particles``, ...)."""
+
+
+def make_objective(name: str, **options) -> ELBO:
+    """Build the objective registered under ``name`` with the given options."""
+    if name not in OBJECTIVES:
+        raise ZooError(f"unknown objective '{name}'; choose one of: {', '.join(OBJECTIVES)}")
+    if options.get("num_particles", 1) < 1:
+        raise ZooError(f"--particles must be at least 1; got {options['num_particles']}")
+    return OBJECTIVES[name](**options)

@@ -1,0 +1,82 @@
+"""Figures. Each function draws on a fresh ``matplotlib.figure.Figure`` (no pyplot, so no
+global state and no display needed), saves it to ``path`` and returns the path."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Ellipse
+
+
+def _save(figure: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_training(history: Sequence[dict[str, float]], path: str | Path, *,
+                  reference: float | None = None, reference_label: str = "exact") -> Path:
+    """Train and test loss (nats per data point) over epochs, with an optional horizontal
+    reference line (for example the negative closed-form maximum log-likelihood)."""
+    figure = Figure(figsize=(6, 3.5))
+    axes = figure.subplots()
+    epochs = [row["epoch"] for row in history]
+    axes.plot(epochs, [row["train_loss"] for row in history], label="train")
+    test = [row["test_loss"] for row in history]
+    if any(value is not None and not math.isnan(value) for value in test):
+        axes.plot(epochs, test, label="test")
+    if reference is not None:
+        axes.axhline(reference, color="black", linestyle="--", linewidth=1, label=reference_label)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("loss (nats per data point)")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def _ellipse(mean: torch.Tensor, covariance: torch.Tensor, **style) -> Ellipse:
+    """The 2-standard-deviation ellipse of a 2-D Gaussian."""
+    variances, axes = torch.linalg.eigh(covariance)
+    angle = math.degrees(math.atan2(axes[1, 1], axes[0, 1]))
+    width, height = (4 * variances.clamp(min=0).sqrt()).tolist()[::-1]
+    return Ellipse(mean.tolist(), width, height, angle=angle, fill=False, **style)
+
+
+@torch.no_grad()
+def plot_posterior_ellipses(posterior, approximation, path: str | Path, *,
+                            title: str = "", dims: tuple[int, int] = (0, 1)) -> Path:
+    """Exact posteriors p(z | x_n) (black) and approximations q(z | x_n) (red) of a few data
+    points as 2-standard-deviation ellipses over two latent dimensions.
+
+    ``posterior`` and ``approximation`` are Gaussian distributions with batch shape [n] and
+    event shape [M] (``MultivariateNormal`` or a diagonal ``Independent(Normal)``).
+    """
+    figure = Figure(figsize=(4.5, 4.5))
+    axes = figure.subplots()
+    index = list(dims)
+    for distribution, color, label in ((posterior, "black", "exact p(z|x)"),
+                                       (approximation, "tab:red", "q(z|x)")):
+        means = distribution.mean[:, index]
+        covariances = _covariance(distribution)[:, index][:, :, index]
+        for n, (mean, covariance) in enumerate(zip(means, covariances, strict=True)):
+            axes.add_patch(_ellipse(mean, covariance, color=color,
+                                    label=label if n == 0 else None))
+        axes.scatter(*means.T, color=color, s=8)
+    axes.set_xlabel(f"z{dims[0] + 1}")
+    axes.set_ylabel(f"z{dims[1] + 1}")
+    axes.set_aspect("equal", adjustable="datalim")
+    axes.autoscale_view()
+    axes.legend(loc="best")
+    axes.set_title(title)
+    return _save(figure, path)
+
+
+def _covariance(distribution) -> torch.Tensor:
+    if hasattr(distribution, "covariance_matrix"):
+        return distribution.covariance_matrix
+    return torch.diag_embed(distribution.variance)

@@ -1,0 +1,223 @@
+"""The training engine shared by every model, guide and objective.
+
+One loop: the data stay in memory as tensors, each epoch visits them in a fresh random order
+in index-based minibatches, and each step minimizes
+
+    loss = objective.differentiable_loss(model, guide, *batch) / batch_size,
+
+the objective in nats per data point, with a torch optimizer over the parameters of model and
+guide. A run is reproducible from its seed: with the same seed, a CPU run gives bitwise the
+same parameters, and a run stopped after any epoch and resumed from its checkpoint ends where
+the uninterrupted run ends (the checkpoint holds the optimizer and all random-number states).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+from tqdm.auto import tqdm
+
+from zoo.errors import ZooError
+from zoo.runs import CHECKPOINT, append_metrics, save_checkpoint, write_metrics
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+
+
+class TrainingDiverged(ZooError):
+    """The loss or its gradient stopped being finite; the last good checkpoint stays on disk."""
+
+
+@dataclass
+class TrainSettings:
+    """How to train. ``steps``, when given, overrides ``epochs`` (the last epoch may be partial).
+
+    ``clip_norm`` clips the global gradient norm; ``device`` is ``cpu``, ``cuda`` or ``auto``.
+    """
+
+    epochs: int = 10
+    steps: int | None = None
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    clip_norm: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"--epochs must be at least 1; got {self.epochs}"),
+            (self.steps is None or self.steps >= 1,
+             f"--steps must be at least 1; got {self.steps}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be positive; got {self.lr}"),
+            (self.clip_norm is None or self.clip_norm > 0,
+             f"--clip-norm must be positive; got {self.clip_norm}"),
+            (self.optimizer in OPTIMIZERS,
+             f"unknown optimizer '{self.optimizer}'; choose one of: {', '.join(OPTIMIZERS)}"),
+            (self.device in ("cpu", "cuda", "auto"),
+             f"--device must be cpu, cuda or auto; got '{self.device}'"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ZooError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in asdict(self).items() if key != "quiet"}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (Pyro draws from torch's)."""
+    pyro.set_rng_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when it is available; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ZooError("--device cuda was asked for but torch sees no CUDA GPU; "
+                       "use --device cpu or --device auto")
+    return torch.device(name)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random-number state a run draws from, in a form ``weights_only`` loading accepts."""
+    name, key, position, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(key.astype(np.int64)), position, has_gauss, gauss]}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, key, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), position, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def average_loss(objective, model, guide, data: Sequence[torch.Tensor], *, seed: int,
+                 chunk_size: int = 4096) -> float:
+    """The objective's loss per data point over ``data``, under a private random stream seeded
+    with ``seed``, so evaluating never changes what training draws next."""
+    devices = [data[0].device] if data[0].device.type == "cuda" else []
+    was_training = model.training, guide.training
+    model.eval(), guide.eval()
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        total = sum(objective.differentiable_loss(
+                        model, guide, *(tensor[start:start + chunk_size] for tensor in data))
+                    for start in range(0, data[0].shape[0], chunk_size))
+    model.train(was_training[0]), guide.train(was_training[1])
+    return float(total) / data[0].shape[0]
+
+
+def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequence[torch.Tensor],
+        *, test: Sequence[torch.Tensor] | None = None, settings: TrainSettings | None = None,
+        run_dir: Path | None = None, checkpoint: dict[str, Any] | None = None,
+        on_epoch: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+    """Train ``model`` and ``guide`` on ``train`` (a tuple of tensors whose first dimension
+    indexes data points, passed to model and guide as positional arguments).
+
+    Returns the history: one dict per epoch with ``epoch``, ``step``, ``train_loss`` (mean loss
+    per data point over the epoch's steps), ``test_loss`` (on ``test``, or None) and ``seconds``.
+    With ``run_dir``, each epoch appends its row to metrics.csv and replaces checkpoint.pt;
+    with ``checkpoint`` (a dict from :func:`zoo.runs.load_checkpoint`), training continues from
+    it. ``on_epoch`` is called with each new history row.
+    """
+    settings = settings or TrainSettings()
+    device = resolve_device(settings.device)
+    model.to(device), guide.to(device)
+    train = tuple(tensor.to(device) for tensor in train)
+    test = None if test is None else tuple(tensor.to(device) for tensor in test)
+    parameters = [*model.parameters(), *guide.parameters()]
+    optimizer = OPTIMIZERS[settings.optimizer](parameters, lr=settings.lr)
+
+    num_train = train[0].shape[0]
+    batch_size = min(settings.batch_size, num_train)
+    total_steps = settings.steps or settings.epochs * math.ceil(num_train / batch_size)
+    history: list[dict[str, float]] = []
+    step = 0
+    if checkpoint is None:
+        seed_everything(settings.seed)
+    else:
+        model.load_state_dict(checkpoint["model"])
+        guide.load_state_dict(checkpoint["guide"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        history, step = list(checkpoint["history"]), checkpoint["step"]
+        set_rng_state(checkpoint["rng"])
+        if run_dir is not None:
+            write_metrics(run_dir, history)
+
+    bar = tqdm(total=total_steps, initial=step, unit="step", disable=settings.quiet,
+               dynamic_ncols=True, desc="training")
+    try:
+        while step < total_steps:
+            epoch = len(history) + 1
+            started = time.perf_counter()
+            loss_sum, seen = torch.zeros((), device=device), 0
+            order = torch.randperm(num_train, device=device)
+            for begin in range(0, num_train, batch_size):
+                if step == total_steps:
+                    break
+                batch = tuple(tensor[order[begin:begin + batch_size]] for tensor in train)
+                size = batch[0].shape[0]
+                loss = objective.differentiable_loss(model, guide, *batch) / size
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grads = [p.grad for p in parameters if p.grad is not None]
+                grad_norm = get_total_norm(grads)
+                if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+                    what = "loss" if not torch.isfinite(loss) else "gradient"
+                    kept = (f"the last good checkpoint (epoch {epoch - 1}) stays in "
+                            f"{run_dir / CHECKPOINT}" if run_dir is not None and epoch > 1
+                            else "no checkpoint was written")
+                    raise TrainingDiverged(
+                        f"training stopped: the {what} is not finite at epoch {epoch}, step "
+                        f"{begin // batch_size + 1} (step {step + 1} overall); {kept}. "
+                        f"Lower --lr or set --clip-norm.")
+                if settings.clip_norm is not None:
+                    clip_grads_with_norm_(parameters, settings.clip_norm, grad_norm)
+                optimizer.step()
+                step += 1
+                loss_sum += loss.detach() * size
+                seen += size
+                bar.update()
+            seconds = time.perf_counter() - started
+            row = {"epoch": epoch, "step": step, "train_loss": loss_sum.item() / seen,
+                   "test_loss": None if test is None else average_loss(
+                       objective, model, guide, test, seed=settings.seed + epoch),
+                   "seconds": seconds}
+            history.append(row)
+            bar.set_postfix({"epoch": epoch, "loss": f"{row['train_loss']:.4g}",
+                             "items/s": f"{seen / seconds:.0f}"}, refresh=False)
+            if run_dir is not None:
+                append_metrics(run_dir, row)
+                save_checkpoint(run_dir, {
+                    "model": model.state_dict(), "guide": guide.state_dict(),
+                    "optimizer": optimizer.state_dict(), "step": step, "history": history,
+                    "rng": rng_state()})
+            if on_epoch is not None:
+                on_epoch(row)
+    finally:
+        bar.close()
+    return history
