@@ -12,6 +12,11 @@ belong to the guide (the encoder); the model's are the decoder's.
 - :class:`MeanFieldGuide` (``meanfield``): Sigma = diag(s^2).
 - :class:`FullGuide` (``full``): Sigma = L L^T, L lower triangular; contains the exact posterior.
 
+The encoder sees the data standardized column by column, ``(x - shift) / scale`` with the
+column means and standard deviations of the training data (``initialize_from_data``), so that
+Adam's step size suits every column whatever its units. The family is unchanged: A and c absorb
+the fixed shift and scale, and the guide is still affine in the raw x.
+
 ``best_for(model)`` builds the member of each family closest to the model's posterior, for every
 x at once, so tests can check that bounds are tight (full) or have the known gap (mean field).
 """
@@ -28,26 +33,61 @@ from torch.distributions import constraints
 from zoo.models.ppca import PPCA, check_dims, posterior_parameters
 
 
-class MeanFieldGuide(PyroModule):
-    """q(z_n | x_n) = N(A x_n + c, diag(s^2)): a linear encoder and one scale per latent
-    dimension, ``s: [M]``, shared by all x (the exact posterior covariance is constant in x, so
-    this family contains the best mean-field fit for every x)."""
+class _AffineGaussianGuide(PyroModule):
+    """What both guides share: the affine encoder x -> A x + c on standardized inputs, the site
+    ``"z"`` in the plate ``"data"``, and how to set A and c in raw units. Subclasses give the
+    covariance in ``distribution``."""
 
     def __init__(self, data_dim: int, latent_dim: int):
         super().__init__()
         check_dims(data_dim, latent_dim)
         self.data_dim = data_dim
         self.latent_dim = latent_dim
-        self.encoder = PyroModule[nn.Linear](data_dim, latent_dim)   # x -> A x + c
-        self.scale = PyroParam(torch.ones(latent_dim), constraint=constraints.positive)
+        self.encoder = PyroModule[nn.Linear](data_dim, latent_dim)
+        self.register_buffer("shift", torch.zeros(data_dim))
+        self.register_buffer("scale_in", torch.ones(data_dim))
 
-    def distribution(self, x: Tensor) -> dist.Independent:
-        """q(z | x) as ``Independent(Normal(A x + c, s), 1)``: batch [N], event [M]."""
-        return dist.Normal(self.encoder(x), self.scale).to_event(1)
+    def initialize_from_data(self, x: Tensor) -> None:
+        """Standardize the encoder's input with the column means and standard deviations of
+        ``x: [N, D]`` (constant columns keep scale 1)."""
+        std = x.std(0)
+        self.shift.copy_(x.mean(0))
+        self.scale_in.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+
+    def loc(self, x: Tensor) -> Tensor:
+        """The mean A x + c of q(z | x), ``[N, M]``."""
+        return self.encoder((x - self.shift) / self.scale_in)
 
     def forward(self, x: Tensor) -> None:
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", self.distribution(x))
+
+    @torch.no_grad()
+    def _set_affine(self, A: Tensor, c: Tensor) -> None:
+        """Make the mean A x + c in raw units: on standardized input that is
+        (A diag(scale)) (x - shift) / scale + (c + A shift)."""
+        self.encoder.weight.copy_(A * self.scale_in)
+        self.encoder.bias.copy_(c + A @ self.shift)
+
+    @classmethod
+    def _like(cls, model: PPCA):
+        """A new guide in the model's dtype and device, leaving torch's global RNG untouched."""
+        with torch.random.fork_rng(devices=[]):
+            return cls(model.data_dim, model.latent_dim).to(model.W)
+
+
+class MeanFieldGuide(_AffineGaussianGuide):
+    """q(z_n | x_n) = N(A x_n + c, diag(s^2)): a linear encoder and one scale per latent
+    dimension, ``s: [M]``, shared by all x (the exact posterior covariance is constant in x, so
+    this family contains the best mean-field fit for every x)."""
+
+    def __init__(self, data_dim: int, latent_dim: int):
+        super().__init__(data_dim, latent_dim)
+        self.scale = PyroParam(torch.ones(latent_dim), constraint=constraints.positive)
+
+    def distribution(self, x: Tensor) -> dist.Independent:
+        """q(z | x) as ``Independent(Normal(A x + c, s), 1)``: batch [N], event [M]."""
+        return dist.Normal(self.loc(x), self.scale).to_event(1)
 
     @classmethod
     def best_for(cls, model: PPCA) -> MeanFieldGuide:
@@ -63,47 +103,35 @@ class MeanFieldGuide(PyroModule):
         leaving KL = 1/2 (sum_i log Lambda_ii - log det Lambda) >= 0, zero only when the
         columns of W are orthogonal. Built in the model's dtype; torch's global RNG is untouched.
         """
+        guide = cls._like(model)
         with torch.no_grad():
             W, b, sigma = model.W, model.b, model.sigma
             A, c, _ = posterior_parameters(W, b, sigma)
-            with torch.random.fork_rng(devices=[]):
-                guide = cls(model.data_dim, model.latent_dim).to(W)
-            guide.encoder.weight.copy_(A)
-            guide.encoder.bias.copy_(c)
+            guide._set_affine(A, c)
             guide.scale = sigma / (W.square().sum(0) + sigma**2).sqrt()
         return guide
 
 
-class FullGuide(PyroModule):
+class FullGuide(_AffineGaussianGuide):
     """q(z_n | x_n) = N(A x_n + c, L L^T): a linear encoder and a lower-triangular ``L: [M, M]``
     with positive diagonal, shared by all x. This family contains the exact posterior."""
 
     def __init__(self, data_dim: int, latent_dim: int):
-        super().__init__()
-        check_dims(data_dim, latent_dim)
-        self.data_dim = data_dim
-        self.latent_dim = latent_dim
-        self.encoder = PyroModule[nn.Linear](data_dim, latent_dim)   # x -> A x + c
+        super().__init__(data_dim, latent_dim)
         self.scale_tril = PyroParam(torch.eye(latent_dim), constraint=constraints.lower_cholesky)
 
     def distribution(self, x: Tensor) -> dist.MultivariateNormal:
         """q(z | x) as ``MultivariateNormal(A x + c, scale_tril=L)``: batch [N], event [M]."""
-        return dist.MultivariateNormal(self.encoder(x), scale_tril=self.scale_tril)
-
-    def forward(self, x: Tensor) -> None:
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", self.distribution(x))
+        return dist.MultivariateNormal(self.loc(x), scale_tril=self.scale_tril)
 
     @classmethod
     def best_for(cls, model: PPCA) -> FullGuide:
         """The exact posterior of the model at its current parameters, as a guide:
         A = M^-1 W^T, c = -A b, L = chol(sigma^2 M^-1), so KL(q(z|x) || p(z|x)) = 0 for every x.
         Built in the model's dtype; torch's global RNG is untouched."""
+        guide = cls._like(model)
         with torch.no_grad():
             A, c, L = posterior_parameters(model.W, model.b, model.sigma)
-            with torch.random.fork_rng(devices=[]):
-                guide = cls(model.data_dim, model.latent_dim).to(model.W)
-            guide.encoder.weight.copy_(A)
-            guide.encoder.bias.copy_(c)
+            guide._set_affine(A, c)
             guide.scale_tril = L
         return guide

@@ -51,6 +51,7 @@ W only through W W^T. We return R = I.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -204,8 +205,19 @@ class PPCA(PyroModule):
         W ~ N(0, (s / 10)^2) entrywise (drawn from torch's global RNG; small and random, to break
         the rotation symmetry of W). The same default learning rate then works for tables of any
         scale. Constant data (s = 0) fall back to s = 1.
+
+        Columns whose standard deviations differ by more than a factor of 100 draw a warning:
+        the noise sigma^2 I is the same in every column, so PPCA then models little more than
+        the largest columns, and training converges slowly; standardizing usually fits the
+        question better.
         """
         x = self._check(x)
+        std = x.std(0)
+        spread = (std.max() / std[std > 0].min()).item() if (std > 0).any() else 1.0
+        if spread > 100:
+            warnings.warn(f"the data's column standard deviations differ by a factor of "
+                          f"{spread:.0f}; PPCA's noise is isotropic, so it will mostly fit the "
+                          f"largest columns. Consider --standardize.", stacklevel=2)
         s = x.var(0, unbiased=False).mean().sqrt() if x.shape[0] > 1 else x.new_tensor(0.0)
         if not s > 0:
             s = x.new_tensor(1.0)

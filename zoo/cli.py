@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 
 from zoo.errors import ZooError
@@ -39,6 +40,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float, help="learning rate")
     train.add_argument("--optimizer", help="adam (default), adamw or sgd")
+    train.add_argument("--lr-schedule", help="constant or cosine (decay to 0 over the run)")
     train.add_argument("--clip-norm", type=float, help="clip the global gradient norm")
     train.add_argument("--seed", type=int, help="seed for everything (default 0)")
     train.add_argument("--device", help="cpu (default), cuda or auto")
@@ -108,8 +110,8 @@ def _train(args: argparse.Namespace) -> None:
                   "test_fraction": args.test_fraction, "standardize": args.standardize},
             objective={"name": args.loss, "num_particles": args.particles},
             train={"epochs": args.epochs, "steps": args.steps, "batch_size": args.batch_size,
-                   "lr": args.lr, "optimizer": args.optimizer, "clip_norm": args.clip_norm,
-                   "seed": args.seed, "device": args.device})
+                   "lr": args.lr, "optimizer": args.optimizer, "lr_schedule": args.lr_schedule,
+                   "clip_norm": args.clip_norm, "seed": args.seed, "device": args.device})
         run_dir = train_run(config, args.out, force=args.force, quiet=args.quiet)
     print(run_dir)
 
@@ -134,8 +136,13 @@ def _demo(args: argparse.Namespace) -> None:
     print(run_demo(args.out, quiet=args.quiet, force=args.force))
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"zoo: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     from zoo.train import TrainingDiverged
 
     try:

@@ -36,8 +36,8 @@ def make_config(model: str, *, guide: str | None = None, options: dict[str, Any]
     """A complete configuration: the given values over the registry's defaults for ``model``.
 
     Values that are None count as not given; giving ``epochs`` without ``steps`` trains for
-    that many epochs even where the model's default is a number of steps. A data file path is made absolute, so the run
-    folder can be used from anywhere.
+    that many epochs even where the model's default is a number of steps. A data file path is
+    made absolute, so the run folder can be used from anywhere.
     """
     entry = get_model(model)
     given = lambda values: {k: v for k, v in (values or {}).items() if v is not None}  # noqa: E731

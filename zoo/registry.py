@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -52,10 +53,11 @@ class ModelEntry:
         return (x, y) if self.labels else (x,)
 
 
-def _ppca_model(data: Data, latent_dim: int) -> ppca.PPCA:
-    model = ppca.PPCA(data.data_dim, latent_dim)
-    model.initialize_from_data(data.x_train)
-    return model
+def _from_data(module_class: type, data: Data, **options) -> torch.nn.Module:
+    """``module_class(D, **options)`` initialized from the training data."""
+    module = module_class(data.data_dim, **options)
+    module.initialize_from_data(data.x_train)
+    return module
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -64,15 +66,12 @@ MODELS: dict[str, ModelEntry] = {
             name="ppca",
             description="probabilistic PCA, x = W z + b + eps, with its closed-form marginal, "
                         "posterior and maximum-likelihood solution",
-            build_model=_ppca_model,
-            guides={
-                "meanfield": lambda data, latent_dim: ppca_guides.MeanFieldGuide(
-                    data.data_dim, latent_dim),
-                "full": lambda data, latent_dim: ppca_guides.FullGuide(data.data_dim, latent_dim),
-            },
+            build_model=partial(_from_data, ppca.PPCA),
+            guides={"meanfield": partial(_from_data, ppca_guides.MeanFieldGuide),
+                    "full": partial(_from_data, ppca_guides.FullGuide)},
             default_data="synthetic-ppca",
             options={"latent_dim": 2},
-            train={"steps": 3000, "batch_size": 256, "lr": 0.01},
+            train={"steps": 3000, "batch_size": 256, "lr": 0.01, "lr_schedule": "cosine"},
             demo={"steps": 1500},
         ),
     ]

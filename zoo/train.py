@@ -37,6 +37,13 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
+LR_SCHEDULES: dict[str, Callable[[float], float]] = {
+    "constant": lambda progress: 1.0,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+}
+"""Schedule name -> learning-rate factor as a function of the share of steps done, in [0, 1]."""
+
+
 class TrainingDiverged(ZooError):
     """The loss or its gradient stopped being finite; the last good checkpoint stays on disk."""
 
@@ -45,6 +52,8 @@ class TrainingDiverged(ZooError):
 class TrainSettings:
     """How to train. ``steps``, when given, overrides ``epochs`` (the last epoch may be partial).
 
+    ``lr_schedule`` is ``constant`` or ``cosine``: lr_t = lr (1 + cos(pi t / T)) / 2 at step t of
+    T, which lets stochastic gradients settle at the optimum instead of jittering around it.
     ``clip_norm`` clips the global gradient norm; ``device`` is ``cpu``, ``cuda`` or ``auto``.
     """
 
@@ -53,6 +62,7 @@ class TrainSettings:
     batch_size: int = 128
     lr: float = 1e-3
     optimizer: str = "adam"
+    lr_schedule: str = "constant"
     clip_norm: float | None = None
     seed: int = 0
     device: str = "cpu"
@@ -69,6 +79,9 @@ class TrainSettings:
              f"--clip-norm must be positive; got {self.clip_norm}"),
             (self.optimizer in OPTIMIZERS,
              f"unknown optimizer '{self.optimizer}'; choose one of: {', '.join(OPTIMIZERS)}"),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"unknown --lr-schedule '{self.lr_schedule}'; choose one of: "
+             f"{', '.join(LR_SCHEDULES)}"),
             (self.device in ("cpu", "cuda", "auto"),
              f"--device must be cpu, cuda or auto; got '{self.device}'"),
         ]
@@ -155,6 +168,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
     num_train = train[0].shape[0]
     batch_size = min(settings.batch_size, num_train)
     total_steps = settings.steps or settings.epochs * math.ceil(num_train / batch_size)
+    schedule = LR_SCHEDULES[settings.lr_schedule]
     history: list[dict[str, float]] = []
     step = 0
     if checkpoint is None:
@@ -197,6 +211,8 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
                         f"Lower --lr or set --clip-norm.")
                 if settings.clip_norm is not None:
                     clip_grads_with_norm_(parameters, settings.clip_norm, grad_norm)
+                for group in optimizer.param_groups:
+                    group["lr"] = settings.lr * schedule(step / total_steps)
                 optimizer.step()
                 step += 1
                 loss_sum += loss.detach() * size
