@@ -78,6 +78,7 @@ class _NonFiniteAfter:
         return loss * float("nan") if self.calls >= self.bad_step else loss
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(
         small_ppca_config, tmp_path):
     experiment = build_experiment(small_ppca_config, quiet=True)
@@ -97,7 +98,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(
 def test_checkpoint_loads_with_weights_only(small_ppca_config, tmp_path):
     run_dir = train_run(small_ppca_config, tmp_path / "run", quiet=True)
     checkpoint = torch.load(run_dir / runs.CHECKPOINT, weights_only=True)
-    assert {"model", "guide", "optimizer", "step", "history", "rng"} <= set(checkpoint)
+    assert {"model", "guide", "optimizer", "epoch", "step", "history", "rng"} <= set(checkpoint)
     assert (run_dir / "figures" / "loss.png").stat().st_size > 0
 
 

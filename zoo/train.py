@@ -230,7 +230,8 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
                 append_metrics(run_dir, row)
                 save_checkpoint(run_dir, {
                     "model": model.state_dict(), "guide": guide.state_dict(),
-                    "optimizer": optimizer.state_dict(), "step": step, "history": history,
+                    "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+                    "history": history,
                     "rng": rng_state()})
             if on_epoch is not None:
                 on_epoch(row)
