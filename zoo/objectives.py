@@ -14,6 +14,7 @@ of shape ``[K, N]``, computed in one vectorized pass of guide and model under a 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pyro
@@ -77,11 +78,39 @@ def elbo(num_particles: int = 1) -> ELBO:
                       max_plate_nesting=1)
 
 
-OBJECTIVES: dict[str, Callable[..., ELBO]] = {"elbo": elbo}
+class IWAE:
+    """The importance-weighted bound of Burda et al. (2015), per data point:
+
+        L_K(x_n) = E[ log (1/K) sum_k w_kn ],    w_kn = p(x_n, z_kn) / q(z_kn | x_n),
+
+    estimated with one vectorized draw of K particles. The loss is -sum_n L_K(x_n): the
+    log-mean-exp is taken for each data point before the sum over the data (unlike Pyro's
+    ``RenyiELBO``, whose batch estimate mixes the two, pyro #3104). L_1 is the ELBO, and
+    L_K increases to log p(x) as K grows.
+    """
+
+    def __init__(self, num_particles: int = 1):
+        self.num_particles = num_particles
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        log_w = log_weights(model, guide, *args, num_particles=self.num_particles)
+        return -(torch.logsumexp(log_w, 0) - math.log(self.num_particles)).sum()
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return loss.item()
+
+
+OBJECTIVES: dict[str, Callable[..., ELBO | IWAE]] = {"elbo": elbo, "iwae": IWAE}
 """Objective name -> factory taking keyword options (``num_particles``, ...)."""
 
 
-def make_objective(name: str, **options) -> ELBO:
+def make_objective(name: str, **options) -> ELBO | IWAE:
     """Build the objective registered under ``name`` with the given options."""
     if name not in OBJECTIVES:
         raise ZooError(f"unknown objective '{name}'; choose one of: {', '.join(OBJECTIVES)}")
