@@ -37,13 +37,21 @@ def test_exact_posterior_log_weights_equal_log_marginal(model_and_x):
         torch.testing.assert_close(-loss, exact.sum(), atol=1e-2, rtol=1e-5)
 
 
+def _on_same_draws(seed, *computations):
+    """Each computation's result, with the random state reset to ``seed`` before each."""
+    results = []
+    for compute in computations:
+        pyro.set_rng_seed(seed)
+        results.append(compute())
+    return results
+
+
 def test_iwae_with_one_particle_is_the_elbo_of_the_same_draw(model_and_x):
     model, x = model_and_x
     guide = MeanFieldGuide(6, 2)
-    pyro.set_rng_seed(1)
-    iwae = IWAE(num_particles=1).differentiable_loss(model, guide, x)
-    pyro.set_rng_seed(1)
-    elbo = Trace_ELBO().differentiable_loss(model, guide, x)
+    iwae, elbo = _on_same_draws(
+        1, lambda: IWAE(num_particles=1).differentiable_loss(model, guide, x),
+        lambda: Trace_ELBO().differentiable_loss(model, guide, x))
     torch.testing.assert_close(iwae, elbo, atol=1e-3, rtol=1e-6)
 
 
@@ -51,21 +59,19 @@ def test_iwae_agrees_with_renyi_alpha_zero_on_a_single_data_point(model_and_x):
     model, x = model_and_x
     guide = MeanFieldGuide(6, 2)
     one = x[:1]
-    pyro.set_rng_seed(2)
-    ours = IWAE(num_particles=50).loss(model, guide, one)
-    pyro.set_rng_seed(2)
-    renyi = RenyiELBO(alpha=0, num_particles=50, vectorize_particles=True,
-                      max_plate_nesting=1).loss(model, guide, one)
+    ours, renyi = _on_same_draws(
+        2, lambda: IWAE(num_particles=50).loss(model, guide, one),
+        lambda: RenyiELBO(alpha=0, num_particles=50, vectorize_particles=True,
+                          max_plate_nesting=1).loss(model, guide, one))
     assert ours == pytest.approx(renyi, abs=1e-3)
 
 
 def test_iwae_is_per_data_point_on_a_batch(model_and_x):
     model, x = model_and_x
     guide = MeanFieldGuide(6, 2)
-    pyro.set_rng_seed(3)
-    ours = IWAE(num_particles=20).differentiable_loss(model, guide, x)
-    pyro.set_rng_seed(3)
-    log_w = log_weights(model, guide, x, num_particles=20)
+    ours, log_w = _on_same_draws(
+        3, lambda: IWAE(num_particles=20).differentiable_loss(model, guide, x),
+        lambda: log_weights(model, guide, x, num_particles=20))
     brute_force = -sum(torch.logsumexp(log_w[:, n], 0) - math.log(20) for n in range(40))
     torch.testing.assert_close(ours, brute_force, atol=1e-3, rtol=1e-6)
     # the batch-mixed estimate (log-mean-exp of the summed weights) is a different number
