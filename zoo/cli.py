@@ -1,4 +1,4 @@
-"""The ``zoo`` command: ``zoo list | train | evaluate | demo``.
+"""The ``zoo`` command: ``zoo list | train | evaluate | sample | plot | diagnose | demo``.
 
 Mistakes a user can fix (unknown names, bad values, missing files, bad data) print one line on
 stderr and exit with status 2; a diverged training run exits with 1; an interrupted one with 130.
@@ -28,12 +28,31 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                       help="share of rows held out for testing (default 0.1; 0 for none)")
     data.add_argument("--standardize", action="store_true", default=None,
                       help="shift and scale each column to mean 0, sd 1 (fitted on train)")
-    model = parser.add_argument_group("model")
+    model = parser.add_argument_group("model (each applies to the models that have it)")
     model.add_argument("--latent-dim", type=int, metavar="M", help="latent dimension")
+    model.add_argument("--components", type=int, metavar="K", help="mixture components (gmm)")
+    model.add_argument("--covariance", help="full or diag component covariances (gmm)")
+    model.add_argument("--restarts", type=int, metavar="R",
+                       help="independent fits, the best kept (gmm)")
+    model.add_argument("--likelihood",
+                       help="bernoulli, continuous-bernoulli or gaussian (vae, cvae)")
+    model.add_argument("--architecture", help="mlp or conv networks (vae, cvae)")
+    model.add_argument("--init", help="how the model's parameters start (ppca: data, "
+                                      "closed-form, closed-form-rotated)")
+    parser.set_defaults(model_options=[action.dest for action in model._group_actions])
     objective = parser.add_argument_group("objective")
     objective.add_argument("--loss", help="objective name (default elbo; see zoo list)")
     objective.add_argument("--particles", type=int, metavar="P",
-                           help="particles drawn per data point (default 1)")
+                           help="particles drawn per data point, in all (default 1)")
+    objective.add_argument("--m", type=int, metavar="M", dest="num_groups",
+                           help="miwae, piwae: M groups of K = P / M particles")
+    objective.add_argument("--beta", type=float, metavar="B",
+                           help="ciwae: weight of the ELBO against the IWAE bound, in [0, 1]")
+    objective.add_argument("--anneal-epochs", type=float, metavar="E",
+                           help="KL annealing: ramp the latent term's weight from 0 to 1 over "
+                                "E epochs")
+    objective.add_argument("--free-bits", type=float, metavar="L",
+                           help="free bits: at least L nats of KL per latent dimension count")
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int)
     train.add_argument("--steps", type=int, help="total optimizer steps (overrides --epochs)")
@@ -44,6 +63,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--clip-norm", type=float, help="clip the global gradient norm")
     train.add_argument("--seed", type=int, help="seed for everything (default 0)")
     train.add_argument("--device", help="cpu (default), cuda or auto")
+    train.add_argument("--freeze-model", action="store_true", default=None,
+                       help="train the guide alone, the model's parameters held fixed")
     out = parser.add_argument_group("output")
     out.add_argument("--out", metavar="DIR",
                      help="run folder (default runs/<model>-<dataset>-<time>)")
@@ -63,6 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--particles", type=int, default=1000, metavar="K",
                           help="importance samples per data point (default 1000)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    sample = commands.add_parser("sample", help="draw new data from a trained generative model")
+    sample.add_argument("run", metavar="RUN", help="run folder")
+    sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    sample.add_argument("--label", type=int, metavar="Y", help="class to draw (cvae)")
+    sample.add_argument("--out", metavar="FILE",
+                        help=".png image grid or .npy array of decoder means "
+                             "(default RUN/figures/samples.png)")
+    plot = commands.add_parser("plot", help="draw one figure of a trained run")
+    plot.add_argument("run", metavar="RUN", help="run folder")
+    plot.add_argument("--kind", required=True, help="which figure (the model's kinds are "
+                                                    "listed when the kind is unknown)")
+    plot.add_argument("--out", metavar="FILE", help="image file (default RUN/figures/KIND.png)")
+    diagnose = commands.add_parser(
+        "diagnose", help="approximate against exact posteriors: KL, PSIS, calibration, gaps")
+    diagnose.add_argument("run", metavar="RUN", help="run folder")
+    diagnose.add_argument("--points", type=int, default=20, metavar="N",
+                          help="test points to diagnose (default 20)")
+    diagnose.add_argument("--json", action="store_true", help="print one JSON object")
     demo = commands.add_parser("demo", help="train every model briefly and write a report")
     demo.add_argument("--out", metavar="DIR", help="report folder (default reports/demo-<time>)")
     demo.add_argument("--force", action="store_true", help="overwrite an existing report")
@@ -91,7 +130,7 @@ def _train(args: argparse.Namespace) -> None:
     if args.resume:
         given = [flag for flag, value in vars(args).items()
                  if value not in (None, False) and flag not in
-                 ("command", "resume", "epochs", "steps", "quiet")]
+                 ("command", "resume", "epochs", "steps", "quiet", "model_options")]
         if given:
             flags = ", ".join("--" + flag.replace("_", "-") if flag != "model" else "MODEL"
                               for flag in given)
@@ -105,13 +144,16 @@ def _train(args: argparse.Namespace) -> None:
             raise ZooError("give either --dataset NAME or --data FILE, not both")
         config = make_config(
             args.model, guide=args.guide,
-            options={"latent_dim": args.latent_dim},
+            options={name: getattr(args, name) for name in args.model_options},
             data={"name": args.dataset, "file": args.data, "data_dir": args.data_dir,
                   "test_fraction": args.test_fraction, "standardize": args.standardize},
-            objective={"name": args.loss, "num_particles": args.particles},
+            objective={"name": args.loss, "num_particles": args.particles,
+                       "num_groups": args.num_groups, "beta": args.beta,
+                       "anneal_epochs": args.anneal_epochs, "free_bits": args.free_bits},
             train={"epochs": args.epochs, "steps": args.steps, "batch_size": args.batch_size,
                    "lr": args.lr, "optimizer": args.optimizer, "lr_schedule": args.lr_schedule,
-                   "clip_norm": args.clip_norm, "seed": args.seed, "device": args.device})
+                   "clip_norm": args.clip_norm, "seed": args.seed, "device": args.device,
+                   "freeze_model": args.freeze_model})
         run_dir = train_run(config, args.out, force=args.force, quiet=args.quiet)
     print(run_dir)
 
@@ -130,6 +172,29 @@ def _evaluate(args: argparse.Namespace) -> None:
                                       for values in result.values()))
 
 
+def _sample(args: argparse.Namespace) -> None:
+    from zoo.generation import sample_run
+
+    print(sample_run(args.run, num_samples=args.n, label=args.label, out=args.out))
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from zoo.experiment import plot_run
+
+    print(plot_run(args.run, args.kind, args.out))
+
+
+def _diagnose(args: argparse.Namespace) -> None:
+    from zoo.diagnostics import diagnose_run
+
+    summary = diagnose_run(args.run, num_points=args.points)
+    if args.json:
+        print(json.dumps(summary))
+        return
+    for name, value in summary.items():
+        print(f"{name:24s} {value:.4g}" if isinstance(value, float) else f"{name:24s} {value}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from zoo.demo import run_demo
 
@@ -146,8 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from zoo.train import TrainingDiverged
 
     try:
-        {"list": lambda _: _list(), "train": _train, "evaluate": _evaluate,
-         "demo": _demo}[args.command](args)
+        {"list": lambda _: _list(), "train": _train, "evaluate": _evaluate, "sample": _sample,
+         "plot": _plot, "diagnose": _diagnose, "demo": _demo}[args.command](args)
     except TrainingDiverged as error:
         print(f"zoo: {error}", file=sys.stderr)
         return 1

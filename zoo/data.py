@@ -136,6 +136,15 @@ def load_data(name: str | None = None, *, file: str | os.PathLike | None = None,
     return _standardize(data) if standardize else data
 
 
+def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A binary image drawn pixel by pixel, x_bin ~ Bernoulli(x), from grey levels in [0, 1].
+
+    Drawing afresh each epoch is the dynamic binarization of Burda et al. (2015); a fixed
+    ``generator`` gives the one seeded binarization used for evaluation.
+    """
+    return torch.bernoulli(x, generator=generator)
+
+
 def synthetic_ppca(num_data: int, W: torch.Tensor, b: torch.Tensor, sigma: float, *,
                    seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Draw ``num_data`` points from probabilistic PCA: ``x = W z + b + eps``.

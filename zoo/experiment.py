@@ -22,7 +22,7 @@ import torch
 
 import zoo
 from zoo import plots, runs
-from zoo.data import Data, load_data
+from zoo.data import Data, binarize, load_data
 from zoo.errors import ZooError
 from zoo.evaluate import evaluate
 from zoo.objectives import make_objective
@@ -57,7 +57,7 @@ def make_config(model: str, *, guide: str | None = None, options: dict[str, Any]
         "guide": guide or entry.default_guide,
         "options": {**entry.options, **given(options)},
         "data": data,
-        "objective": {"name": "elbo", "num_particles": 1, **given(objective)},
+        "objective": {"name": "elbo", "num_particles": 1, **entry.objective, **given(objective)},
         "train": settings.to_dict(),
         "zoo_version": zoo.__version__,
     }
@@ -76,12 +76,33 @@ class Experiment:
     settings: TrainSettings
 
     @property
+    def binarized(self) -> bool:
+        return self.entry.binarized(self.config["options"])
+
+    def inputs(self, split: str) -> tuple[torch.Tensor, ...] | None:
+        """Model and guide inputs of a split for evaluation (None without that split); binary
+        models see one fixed seeded binarization of the grey levels."""
+        inputs = self.entry.inputs(self.data, split)
+        if inputs is None or not self.binarized:
+            return inputs
+        generator = torch.Generator().manual_seed(self.config["data"]["seed"] + (split == "test"))
+        return (binarize(inputs[0], generator), *inputs[1:])
+
+    @property
     def train_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The grey-level training inputs; ``train_transform`` binarizes them each epoch."""
         return self.entry.inputs(self.data, "train")
 
     @property
     def test_inputs(self) -> tuple[torch.Tensor, ...] | None:
-        return self.entry.inputs(self.data, "test")
+        return self.inputs("test")
+
+    @property
+    def train_transform(self):
+        """Dynamic binarization for binary models, else None."""
+        if not self.binarized:
+            return None
+        return lambda inputs: (binarize(inputs[0]), *inputs[1:])
 
 
 def build_experiment(config: dict[str, Any], *, quiet: bool = False) -> Experiment:
@@ -131,7 +152,8 @@ def resume_run(run_dir: str | os.PathLike, *, epochs: int | None = None,
 def _train(experiment: Experiment, run_dir: Path, checkpoint: dict[str, Any] | None) -> None:
     history = fit(experiment.model, experiment.guide, experiment.objective,
                   experiment.train_inputs, test=experiment.test_inputs,
-                  settings=experiment.settings, run_dir=run_dir, checkpoint=checkpoint)
+                  settings=experiment.settings, run_dir=run_dir, checkpoint=checkpoint,
+                  transform=experiment.train_transform)
     experiment.model.cpu(), experiment.guide.cpu()
     draw_figures(experiment, history, run_dir / runs.FIGURES)
 
@@ -176,8 +198,24 @@ def evaluate_run(run_dir: str | os.PathLike, *, num_samples: int = 1000) -> dict
     experiment.model.eval(), experiment.guide.eval()
     result = {}
     for split in ("train", "test"):
-        inputs = experiment.entry.inputs(experiment.data, split)
+        inputs = experiment.inputs(split)
         if inputs is not None:
             result[split] = evaluate(experiment.model, experiment.guide, *inputs,
                                      num_samples=num_samples, train_x=experiment.data.x_train)
     return result
+
+
+def plot_run(run_dir: str | os.PathLike, kind: str, out: str | os.PathLike | None = None
+             ) -> Path:
+    """Draw the figure ``kind`` of a trained run (the model's ``plots`` list the kinds) into
+    ``out`` (default ``RUN/figures/<kind>.png``); return its path."""
+    experiment = load_run(run_dir)
+    if kind not in experiment.entry.plots:
+        kinds = ", ".join(experiment.entry.plots) or "none"
+        raise ZooError(f"unknown plot kind '{kind}' for model {experiment.entry.name}; "
+                       f"choose one of: {kinds}")
+    seed_everything(experiment.settings.seed)
+    experiment.model.eval(), experiment.guide.eval()
+    path = Path(out) if out is not None else Path(run_dir) / runs.FIGURES / f"{kind}.png"
+    with torch.no_grad():
+        return experiment.entry.plots[kind](experiment, path)

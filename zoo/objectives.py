@@ -20,7 +20,7 @@ from collections.abc import Callable
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import ELBO, Trace_ELBO
+from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO
 from pyro.poutine.util import site_is_subsample
 
 from zoo.errors import ZooError
@@ -78,6 +78,20 @@ def elbo(num_particles: int = 1) -> ELBO:
                       max_plate_nesting=1)
 
 
+def enumerated_elbo(num_particles: int = 1) -> ELBO:
+    """The ELBO with discrete latent variables summed out exactly by parallel enumeration
+    (Pyro's ``TraceEnum_ELBO``; sites marked ``infer={"enumerate": "parallel"}``)."""
+    return TraceEnum_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
+                          max_plate_nesting=1)
+
+
+def score_function_elbo(num_particles: int = 1) -> ELBO:
+    """The ELBO for guides with non-reparameterizable (discrete) draws: the score-function
+    estimator with Rao-Blackwellization and the baselines Pyro's ``TraceGraph_ELBO`` supports."""
+    return TraceGraph_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
+                           max_plate_nesting=1)
+
+
 class IWAE:
     """The importance-weighted bound of Burda et al. (2015), per data point:
 
@@ -106,7 +120,8 @@ class IWAE:
         return loss.item()
 
 
-OBJECTIVES: dict[str, Callable[..., ELBO | IWAE]] = {"elbo": elbo, "iwae": IWAE}
+OBJECTIVES: dict[str, Callable[..., ELBO | IWAE]] = {
+    "elbo": elbo, "iwae": IWAE, "enum": enumerated_elbo, "tracegraph": score_function_elbo}
 """Objective name -> factory taking keyword options (``num_particles``, ...)."""
 
 

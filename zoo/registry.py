@@ -27,8 +27,12 @@ class ModelEntry:
     ``build_model(data, **options)`` and each ``guides[name](data, **options)`` receive the
     loaded :class:`~zoo.data.Data` and the model's options (``options`` holds their defaults);
     the first guide is the default. ``train`` holds default :class:`~zoo.train.TrainSettings`
-    values and ``demo`` the overrides for the short runs of ``zoo demo``. ``labels`` says whether
-    model and guide take the labels ``y`` after ``x``.
+    values and ``demo`` the overrides for the short runs of ``zoo demo``; ``objective`` the
+    default objective configuration (``{"name": "elbo"}`` when empty). ``labels`` says whether
+    model and guide take the labels ``y`` after ``x``. ``binarized(options)`` says whether the
+    model sees binary images: training then draws them afresh each epoch from the grey levels,
+    evaluation uses one seeded draw. ``plots`` maps each ``zoo plot --kind`` name to a function
+    ``plot(experiment, path) -> path`` drawing that figure for a trained run.
     """
 
     name: str
@@ -39,7 +43,10 @@ class ModelEntry:
     options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     demo: dict[str, Any] = field(default_factory=dict)
+    objective: dict[str, Any] = field(default_factory=dict)
     labels: bool = False
+    binarized: Callable[[dict[str, Any]], bool] = lambda options: False
+    plots: dict[str, Callable[..., Any]] = field(default_factory=dict)
 
     @property
     def default_guide(self) -> str:

@@ -55,6 +55,7 @@ class TrainSettings:
     ``lr_schedule`` is ``constant`` or ``cosine``: lr_t = lr (1 + cos(pi t / T)) / 2 at step t of
     T, which lets stochastic gradients settle at the optimum instead of jittering around it.
     ``clip_norm`` clips the global gradient norm; ``device`` is ``cpu``, ``cuda`` or ``auto``.
+    ``freeze_model`` trains the guide alone, with the model's parameters held where they are.
     """
 
     epochs: int = 10
@@ -66,6 +67,7 @@ class TrainSettings:
     clip_norm: float | None = None
     seed: int = 0
     device: str = "cpu"
+    freeze_model: bool = False
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -147,6 +149,7 @@ def average_loss(objective, model, guide, data: Sequence[torch.Tensor], *, seed:
 def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequence[torch.Tensor],
         *, test: Sequence[torch.Tensor] | None = None, settings: TrainSettings | None = None,
         run_dir: Path | None = None, checkpoint: dict[str, Any] | None = None,
+        transform: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]] | None = None,
         on_epoch: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
     """Train ``model`` and ``guide`` on ``train`` (a tuple of tensors whose first dimension
     indexes data points, passed to model and guide as positional arguments).
@@ -155,19 +158,26 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
     per data point over the epoch's steps), ``test_loss`` (on ``test``, or None) and ``seconds``.
     With ``run_dir``, each epoch appends its row to metrics.csv and replaces checkpoint.pt;
     with ``checkpoint`` (a dict from :func:`zoo.runs.load_checkpoint`), training continues from
-    it. ``on_epoch`` is called with each new history row.
+    it. ``transform``, when given, maps ``train`` to the tensors of each new epoch (dynamic
+    binarization draws fresh binary images from the grey levels this way), drawing from torch's
+    generator so that resuming stays exact. An objective with a ``set_progress(epochs)`` method
+    (KL annealing) is told before each step how many epochs are done, as a float.
+    With ``settings.freeze_model`` only the guide's parameters are trained.
     """
     settings = settings or TrainSettings()
     device = resolve_device(settings.device)
     model.to(device), guide.to(device)
     train = tuple(tensor.to(device) for tensor in train)
     test = None if test is None else tuple(tensor.to(device) for tensor in test)
-    parameters = [*model.parameters(), *guide.parameters()]
+    model.requires_grad_(not settings.freeze_model)
+    parameters = [*guide.parameters()] + ([] if settings.freeze_model else [*model.parameters()])
     optimizer = OPTIMIZERS[settings.optimizer](parameters, lr=settings.lr)
 
     num_train = train[0].shape[0]
     batch_size = min(settings.batch_size, num_train)
-    total_steps = settings.steps or settings.epochs * math.ceil(num_train / batch_size)
+    steps_per_epoch = math.ceil(num_train / batch_size)
+    total_steps = settings.steps or settings.epochs * steps_per_epoch
+    set_progress = getattr(objective, "set_progress", None)
     schedule = LR_SCHEDULES[settings.lr_schedule]
     history: list[dict[str, float]] = []
     step = 0
@@ -189,11 +199,14 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
             epoch = len(history) + 1
             started = time.perf_counter()
             loss_sum, seen = torch.zeros((), device=device), 0
+            epoch_data = train if transform is None else transform(train)
             order = torch.randperm(num_train, device=device)
             for begin in range(0, num_train, batch_size):
                 if step == total_steps:
                     break
-                batch = tuple(tensor[order[begin:begin + batch_size]] for tensor in train)
+                batch = tuple(tensor[order[begin:begin + batch_size]] for tensor in epoch_data)
+                if set_progress is not None:
+                    set_progress(step / steps_per_epoch)
                 size = batch[0].shape[0]
                 loss = objective.differentiable_loss(model, guide, *batch) / size
                 optimizer.zero_grad(set_to_none=True)
@@ -237,4 +250,5 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
                 on_epoch(row)
     finally:
         bar.close()
+        model.requires_grad_(True)
     return history
