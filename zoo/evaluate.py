@@ -12,7 +12,10 @@ ESS_n = (sum_k w_kn)^2 / sum_k w_kn^2, tells how well q covers the posterior (K 
 A model exposes its ground truth by duck typing (the methods are optional):
 ``model.marginal_log_prob(x) -> [N]`` (exact log p(x)), ``model.posterior(x)`` (exact p(z | x) as
 a distribution), ``model.maximum_likelihood(x)`` (a copy at the closed-form optimum);
-a guide exposes ``guide.distribution(x)`` (q(z | x) as a distribution).
+a guide exposes ``guide.distribution(x)`` (q(z | x) as a distribution). A model whose latent
+variables are not all local and continuous (a mixture with enumerated assignments) supplies
+its own per-data-point metrics instead of importance sampling, as
+``model.metrics(guide, *data) -> dict``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch.distributions import (
     kl_divergence,
 )
 
+from zoo.errors import ZooError
 from zoo.objectives import log_weights
 
 
@@ -73,6 +77,21 @@ def log_likelihood(model, guide, *data: torch.Tensor, num_samples: int = 1000,
     return ImportanceEstimate(log_likelihood=log_px, elbo=elbo, ess=ess)
 
 
+ACTIVE_UNIT_THRESHOLD = 0.01
+
+
+def active_units(posterior_means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
+    """The number of active latent dimensions (Burda et al. 2015): dimension d is active when
+    the variance over data points of E_q[z_d | x_n] exceeds ``threshold``.
+
+    ``posterior_means``: ``[N, M]``. A dimension that is inactive carries no information about x
+    (its posterior equals its prior for every x): posterior collapse.
+    """
+    if posterior_means.shape[0] < 2:
+        raise ZooError("active units need at least two data points")
+    return int((posterior_means.var(0) > threshold).sum())
+
+
 def _as_multivariate(distribution: Distribution) -> Distribution:
     """A diagonal Gaussian ``Independent(Normal, 1)`` as the equal ``MultivariateNormal``, so
     that its KL divergence to a full-covariance Gaussian has a closed form."""
@@ -92,13 +111,19 @@ def evaluate(model, guide, *data: torch.Tensor, num_samples: int = 1000,
     ``ess`` (mean effective sample size); ``exact_log_likelihood`` when the model has a closed-form
     marginal; ``mle_log_likelihood`` (the closed-form optimum fitted on ``train_x``, evaluated on
     ``data``) when it has a closed-form maximum-likelihood solution; ``posterior_kl``, the mean
-    KL(q(z|x) || p(z|x)), when the model has a closed-form posterior and the guide exposes q.
+    KL(q(z|x) || p(z|x)), when the model has a closed-form posterior and the guide exposes q;
+    ``active_units`` when the guide exposes q (see :func:`active_units`).
     """
     x = data[0]
-    estimate = log_likelihood(model, guide, *data, num_samples=num_samples)
-    metrics = {"elbo": estimate.elbo.mean().item(),
-               "log_likelihood": estimate.log_likelihood.mean().item(),
-               "ess": estimate.ess.mean().item()}
+    if hasattr(model, "metrics"):
+        metrics = dict(model.metrics(guide, *data))
+    else:
+        estimate = log_likelihood(model, guide, *data, num_samples=num_samples)
+        metrics = {"elbo": estimate.elbo.mean().item(),
+                   "log_likelihood": estimate.log_likelihood.mean().item(),
+                   "ess": estimate.ess.mean().item()}
+    if hasattr(guide, "distribution"):
+        metrics["active_units"] = active_units(guide.distribution(*data).mean)
     if hasattr(model, "marginal_log_prob"):
         metrics["exact_log_likelihood"] = model.marginal_log_prob(x).mean().item()
     if hasattr(model, "maximum_likelihood") and train_x is not None:

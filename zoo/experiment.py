@@ -40,6 +40,7 @@ def make_config(model: str, *, guide: str | None = None, options: dict[str, Any]
     made absolute, so the run folder can be used from anywhere.
     """
     entry = get_model(model)
+    guide = guide or entry.default_guide
     given = lambda values: {k: v for k, v in (values or {}).items() if v is not None}  # noqa: E731
     data = {"name": None, "file": None, "data_dir": None, "test_fraction": 0.1,
             "standardize": False, **given(data)}
@@ -54,10 +55,11 @@ def make_config(model: str, *, guide: str | None = None, options: dict[str, Any]
     data["seed"] = settings.seed
     return {
         "model": entry.name,
-        "guide": guide or entry.default_guide,
+        "guide": guide,
         "options": {**entry.options, **given(options)},
         "data": data,
-        "objective": {"name": "elbo", "num_particles": 1, **entry.objective, **given(objective)},
+        "objective": {"name": "elbo", "num_particles": 1, **entry.objectives.get(guide, {}),
+                      **given(objective)},
         "train": settings.to_dict(),
         "zoo_version": zoo.__version__,
     }

@@ -28,7 +28,8 @@ class ModelEntry:
     loaded :class:`~zoo.data.Data` and the model's options (``options`` holds their defaults);
     the first guide is the default. ``train`` holds default :class:`~zoo.train.TrainSettings`
     values and ``demo`` the overrides for the short runs of ``zoo demo``; ``objective`` the
-    default objective configuration (``{"name": "elbo"}`` when empty). ``labels`` says whether
+    default objective configuration for each guide name (``{"name": "elbo"}`` for guides
+    not listed). ``labels`` says whether
     model and guide take the labels ``y`` after ``x``. ``binarized(options)`` says whether the
     model sees binary images: training then draws them afresh each epoch from the grey levels,
     evaluation uses one seeded draw. ``plots`` maps each ``zoo plot --kind`` name to a function
@@ -43,7 +44,7 @@ class ModelEntry:
     options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     demo: dict[str, Any] = field(default_factory=dict)
-    objective: dict[str, Any] = field(default_factory=dict)
+    objectives: dict[str, dict[str, Any]] = field(default_factory=dict)
     labels: bool = False
     binarized: Callable[[dict[str, Any]], bool] = lambda options: False
     plots: dict[str, Callable[..., Any]] = field(default_factory=dict)
