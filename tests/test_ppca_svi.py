@@ -47,3 +47,21 @@ def test_full_guide_recovers_the_exact_posterior(trained):
     with torch.no_grad():
         metrics = evaluate(trained.model, trained.guide, x, num_samples=10)
     assert metrics["posterior_kl"] < 0.01
+
+
+@pytest.mark.parametrize("loss, options", [
+    ("iwae", {"num_particles": 5}),
+    ("miwae", {"num_particles": 6, "num_groups": 2}),
+    ("ciwae", {"num_particles": 5, "beta": 0.5}),
+    ("piwae", {"num_particles": 6, "num_groups": 2}),
+    ("dreg", {"num_particles": 5}),
+])
+def test_every_objective_trains_ppca_to_the_closed_form_optimum(loss, options):
+    config = make_config("ppca", guide="meanfield", objective={"name": loss, **options})
+    experiment = build_experiment(config, quiet=True)
+    fit(experiment.model, experiment.guide, experiment.objective, experiment.train_inputs,
+        settings=experiment.settings)
+    x = experiment.data.x_train
+    with torch.no_grad():
+        metrics = evaluate(experiment.model, experiment.guide, x, num_samples=10, train_x=x)
+    assert 0 <= metrics["mle_log_likelihood"] - metrics["exact_log_likelihood"] < 0.02

@@ -24,16 +24,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.distributions import (
-    Distribution,
-    Independent,
-    MultivariateNormal,
-    Normal,
-    kl_divergence,
-)
+from torch.distributions import kl_divergence
 
 from zoo.errors import ZooError
-from zoo.objectives import log_weights
+from zoo.objectives import as_multivariate, log_weights
 
 
 @dataclass(frozen=True)
@@ -92,16 +86,6 @@ def active_units(posterior_means: torch.Tensor, threshold: float = ACTIVE_UNIT_T
     return int((posterior_means.var(0) > threshold).sum())
 
 
-def _as_multivariate(distribution: Distribution) -> Distribution:
-    """A diagonal Gaussian ``Independent(Normal, 1)`` as the equal ``MultivariateNormal``, so
-    that its KL divergence to a full-covariance Gaussian has a closed form."""
-    if (isinstance(distribution, Independent) and isinstance(distribution.base_dist, Normal)
-            and distribution.reinterpreted_batch_ndims == 1):
-        normal = distribution.base_dist
-        return MultivariateNormal(normal.loc, scale_tril=torch.diag_embed(normal.scale))
-    return distribution
-
-
 @torch.no_grad()
 def evaluate(model, guide, *data: torch.Tensor, num_samples: int = 1000,
              train_x: torch.Tensor | None = None) -> dict[str, float]:
@@ -130,7 +114,7 @@ def evaluate(model, guide, *data: torch.Tensor, num_samples: int = 1000,
         optimum = model.maximum_likelihood(train_x)
         metrics["mle_log_likelihood"] = optimum.marginal_log_prob(x).mean().item()
     if hasattr(model, "posterior") and hasattr(guide, "distribution"):
-        kl = kl_divergence(_as_multivariate(guide.distribution(x)),
-                           _as_multivariate(model.posterior(x)))
+        kl = kl_divergence(as_multivariate(guide.distribution(x)),
+                           as_multivariate(model.posterior(x)))
         metrics["posterior_kl"] = kl.mean().item()
     return metrics

@@ -1,4 +1,4 @@
-"""Training objectives and the per-data-point log importance weights they are built on.
+r"""Training objectives: the ELBO and the importance-weighted family, all per data point.
 
 Every objective has Pyro's ELBO interface (``loss``, ``differentiable_loss``,
 ``loss_and_grads``), so it works in ``pyro.infer.SVI`` as well as in :func:`zoo.train.fit`.
@@ -7,35 +7,108 @@ by the batch size to report nats per data point.
 
 The core quantity is the log importance weight of particle k for data point n,
 
-    log w_kn = log p(x_n, z_kn) - log q(z_kn | x_n),    z_kn ~ q(z | x_n),
+    log w_kn = log p(x_n | z_kn) + log p(z_kn) - log q(z_kn | x_n),    z_kn ~ q(z | x_n),
 
-of shape ``[K, N]``, computed in one vectorized pass of guide and model under a particle plate.
+of shape ``[K, N]``, computed in one vectorized pass of guide and model under a particle plate
+(:func:`draw`). Each objective is a few lines on top of it. Writing w~_kn = w_kn / sum_j w_jn
+for the normalized weights of data point n:
+
+- ``elbo``     L_1 averaged over K draws: E[log w]; with the KL to the prior in closed form
+               where the guide and prior allow it (the "analytic-KL" ELBO).
+- ``iwae``     L_K = E[log (1/K) sum_k w_k]                         (Burda et al. 2015)
+- ``miwae``    (1/M) sum_m L_K^(m) over M independent groups of K    (Rainforth et al. 2018)
+- ``ciwae``    beta ELBO + (1 - beta) L_K on the same K draws         (Rainforth et al. 2018)
+- ``piwae``    value L_{MK}; the model (decoder) gets the gradient of L_{MK}, the guide
+               (encoder) that of MIWAE(M, K)                          (Rainforth et al. 2018)
+- ``dreg``     value L_K; the model gets IWAE's gradient, the guide the doubly reparameterized
+               sum_k w~_k^2 d log w_k / d z_k  d z_k / d phi, with q's parameters stopped
+               inside log q                                           (Tucker et al. 2018)
+
+Every bound is per data point: the log-mean-exp over particles is taken for each x_n and only
+then summed over the data. Pyro's ``RenyiELBO`` takes the log-mean-exp of the *summed* batch
+weights (pyro #3104), which is a different and looser quantity for local latent variables.
+
+KL annealing (Bowman et al. 2016) multiplies the latent log-ratio log p(z) - log q(z | x) by a
+weight that ramps linearly from 0 to 1 over ``anneal_epochs`` (the engine reports progress
+through ``set_progress``). Free bits (Kingma et al. 2016) replace the ELBO's KL term by
+sum_d max(lambda, mean_n KL_nd), so that the optimizer gains nothing by pushing a latent
+dimension's KL below lambda nats.
+
+Gradients of the decoder and encoder are routed separately (PIWAE, DReG) without extra passes:
+the model is replayed on a view z' of each draw whose incoming gradient is rescaled, so that
+one backward pass gives the model's parameters the weights a_k and the guide's the weights b_k
+(see :func:`_routed_surrogate`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO
+from pyro.infer import ELBO as PyroELBO
+from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+from torch.distributions import (
+    Distribution,
+    Independent,
+    MultivariateNormal,
+    Normal,
+    kl_divergence,
+)
+from torch.func import functional_call
 
 from zoo.errors import ZooError
 
 DATA_PLATE = "data"
 PARTICLE_PLATE = "particles"
+_MIN_WEIGHT = 1e-20
+"""Decoder weights a_k below this are raised to it in the routed surrogate, so that the guide's
+share b_k survives the rescaling; the change to the decoder's gradient, at most 1e-20 per
+particle, is far below float32 resolution."""
 
 
-def _per_point_log_prob(trace: poutine.Trace, num_particles: int, num_data: int) -> torch.Tensor:
-    """Sum of the log densities of a trace's sample sites, kept per particle and data point.
+@dataclass
+class Draws:
+    """K draws per data point from the guide, scored by model and guide; each term ``[K, N]``.
 
-    Returns a tensor of shape ``[K, N]``. Every sample site must sit inside the data plate:
-    a global latent variable has no per-data-point weight.
+    ``log_likelihood`` sums the model's observed sites (log p(x | z)), ``log_prior`` its latent
+    sites (log p(z)), ``log_q`` the guide's sites (log q(z | x)). ``model_trace`` and
+    ``guide_trace`` are the Pyro traces; ``routes`` the views of the draws the model was replayed
+    on, when gradients are to be routed.
     """
-    total = torch.zeros(num_particles, num_data)
+
+    log_likelihood: Tensor
+    log_prior: Tensor
+    log_q: Tensor
+    model_trace: poutine.Trace
+    guide_trace: poutine.Trace
+    routes: list[tuple[Tensor, int]] = field(default_factory=list)
+
+    def log_weights(self, kl_weight: float = 1.0) -> Tensor:
+        """log p(x | z) + kl_weight (log p(z) - log q(z | x)): the log weights at weight 1."""
+        return self.log_likelihood + kl_weight * (self.log_prior - self.log_q)
+
+
+def _latent_sites(trace: poutine.Trace) -> list[tuple[str, dict]]:
+    return [(name, site) for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"]
+            and not site_is_subsample(site)]
+
+
+def _per_point(trace: poutine.Trace, observed: bool | None, shape: tuple[int, int]) -> Tensor:
+    """Sum of the log densities of a trace's sample sites, kept per particle and data point
+    (``[K, N]``); ``observed`` picks observed or latent sites (None: all).
+
+    Every sample site must sit inside the data plate: a global latent variable has no
+    per-data-point weight.
+    """
+    total = torch.zeros(shape)
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
@@ -44,71 +117,207 @@ def _per_point_log_prob(trace: poutine.Trace, num_particles: int, num_data: int)
             raise ZooError(
                 f"per-data-point importance weights need every sample site inside exactly the "
                 f"'{DATA_PLATE}' plate; site '{name}' is in plates {sorted(plates)}. Models with "
-                f"global latent variables are trained with Trace_ELBO or enumeration instead."
+                f"global latent variables are trained with --loss enum or tracegraph instead."
             )
-        total = total.to(site["log_prob"]) + site["log_prob"]
+        if observed is None or site["is_observed"] == observed:
+            total = total.to(site["log_prob"]) + site["log_prob"]
     return total
 
 
-def log_weights(model: Callable, guide: Callable, *args: torch.Tensor, num_particles: int = 1
-                ) -> torch.Tensor:
-    """Log importance weights ``log p(x_n, z_kn) - log q(z_kn | x_n)`` of shape ``[K, N]``.
+def draw(model: Callable, guide: Callable, *args: Tensor, num_particles: int = 1,
+         stop_guide_gradients: bool = False, route: bool = False) -> Draws:
+    """Draw ``num_particles`` particles per data point from the guide and score them.
 
-    ``args`` are the model's inputs (data tensors whose first dimension is N). The guide is run
-    once under a plate of ``num_particles`` particles at dim -2, and the model is replayed
-    against its draws, so model and guide must put their data plate (named ``"data"``) at dim -1.
-    Gradients flow through the reparameterized draws.
+    ``args`` are the model's inputs (tensors whose first dimension is N). The guide runs once
+    under a plate of K particles at dim -2 and the model is replayed against its draws, so
+    model and guide put their data plate (named ``"data"``) at dim -1. Gradients flow through
+    the reparameterized draws. ``stop_guide_gradients`` scores log q(z | x) with the guide's
+    parameters detached (the draws z keep their gradient): the DReG form. ``route`` replays
+    the model on views of the draws, listed in ``Draws.routes``, for :func:`_routed_surrogate`.
     """
     if num_particles < 1:
         raise ZooError(f"the number of particles must be at least 1; got {num_particles}")
-    num_data = args[0].shape[0]
+    shape = (num_particles, args[0].shape[0])
     with pyro.plate(PARTICLE_PLATE, num_particles, dim=-2):
         guide_trace = poutine.trace(guide).get_trace(*args)
+        _check_reparameterized(guide_trace)
+        if stop_guide_gradients:
+            stopped = poutine.replay(_with_parameters_detached(guide), trace=guide_trace)
+            q_trace = poutine.trace(stopped).get_trace(*args)
+        else:
+            q_trace = guide_trace
+        q_trace.compute_log_prob()
+        log_q = _per_point(q_trace, None, shape)
+        routes = []
+        if route:
+            guide_trace = guide_trace.copy()
+            for name, site in _latent_sites(guide_trace):
+                site = guide_trace.nodes[name] = dict(site)
+                site["value"] = site["value"].view_as(site["value"])
+                routes.append((site["value"], site["fn"].event_dim))
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
-    guide_trace.compute_log_prob()
     model_trace.compute_log_prob()
-    return (_per_point_log_prob(model_trace, num_particles, num_data)
-            - _per_point_log_prob(guide_trace, num_particles, num_data))
+    return Draws(log_likelihood=_per_point(model_trace, True, shape),
+                 log_prior=_per_point(model_trace, False, shape),
+                 log_q=log_q, model_trace=model_trace, guide_trace=guide_trace, routes=routes)
 
 
-def elbo(num_particles: int = 1) -> ELBO:
-    """The evidence lower bound E_q[log p(x, z) - log q(z | x)], Pyro's ``Trace_ELBO`` with
-    ``num_particles`` draws per data point, vectorized."""
-    return Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
-                      max_plate_nesting=1)
+class _DetachParams(Messenger):
+    """Detach the values of ``pyro.param`` sites from their parameters."""
+
+    def _postprocess_message(self, msg: dict) -> None:
+        if msg["type"] == "param":
+            msg["value"] = msg["value"].detach()
 
 
-def enumerated_elbo(num_particles: int = 1) -> ELBO:
-    """The ELBO with discrete latent variables summed out exactly by parallel enumeration
-    (Pyro's ``TraceEnum_ELBO``; sites marked ``infer={"enumerate": "parallel"}``)."""
-    return TraceEnum_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
-                          max_plate_nesting=1)
+def _with_parameters_detached(guide: Callable) -> Callable:
+    """The guide with every parameter it reads held constant: a module's own parameters (through
+    ``torch.func.functional_call``) and ``pyro.param`` sites of Pyro's parameter store."""
+    if isinstance(guide, torch.nn.Module):
+        detached = {name: value.detach() for name, value in guide.named_parameters()}
+        return _DetachParams()(lambda *args: functional_call(guide, detached, args))
+    return _DetachParams()(guide)
 
 
-def score_function_elbo(num_particles: int = 1) -> ELBO:
-    """The ELBO for guides with non-reparameterizable (discrete) draws: the score-function
-    estimator with Rao-Blackwellization and the baselines Pyro's ``TraceGraph_ELBO`` supports."""
-    return TraceGraph_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
-                           max_plate_nesting=1)
+def _check_reparameterized(guide_trace: poutine.Trace) -> None:
+    """Pathwise gradients need reparameterized draws; a discrete guide site would silently
+    lose its score-function term."""
+    if not torch.is_grad_enabled():
+        return
+    for name, site in _latent_sites(guide_trace):
+        if not site["fn"].has_rsample:
+            raise ZooError(
+                f"guide site '{name}' ({type(site['fn']).__name__}) cannot be reparameterized, "
+                f"so this objective's gradient would be wrong; use --loss tracegraph (score "
+                f"function) or --loss enum (exact enumeration) for discrete latent variables")
 
 
-class IWAE:
-    """The importance-weighted bound of Burda et al. (2015), per data point:
+def log_weights(model: Callable, guide: Callable, *args: Tensor, num_particles: int = 1
+                ) -> Tensor:
+    """Log importance weights ``log p(x_n, z_kn) - log q(z_kn | x_n)`` of shape ``[K, N]``,
+    for ``num_particles`` draws per data point (see :func:`draw`)."""
+    return draw(model, guide, *args, num_particles=num_particles).log_weights()
 
-        L_K(x_n) = E[ log (1/K) sum_k w_kn ],    w_kn = p(x_n, z_kn) / q(z_kn | x_n),
 
-    estimated with one vectorized draw of K particles. The loss is -sum_n L_K(x_n): the
-    log-mean-exp is taken for each data point before the sum over the data (unlike Pyro's
-    ``RenyiELBO``, whose batch estimate mixes the two, pyro #3104). L_1 is the ELBO, and
-    L_K increases to log p(x) as K grows.
+def as_multivariate(distribution: Distribution) -> Distribution:
+    """A diagonal Gaussian ``Independent(Normal, 1)`` as the equal ``MultivariateNormal``, so
+    that its KL divergence to a full-covariance Gaussian has a closed form."""
+    if (isinstance(distribution, Independent) and isinstance(distribution.base_dist, Normal)
+            and distribution.reinterpreted_batch_ndims == 1):
+        normal = distribution.base_dist
+        loc, scale = torch.broadcast_tensors(normal.loc, normal.scale)
+        return MultivariateNormal(loc, scale_tril=torch.diag_embed(scale))
+    return distribution
+
+
+def _closed_form_kl(q: Distribution, p: Distribution) -> Tensor | None:
+    """KL(q || p) in closed form, or None where torch knows none (also for a Gaussian pair of
+    which one is diagonal and the other full, through :func:`as_multivariate`)."""
+    for pair in ((q, p), (as_multivariate(q), as_multivariate(p))):
+        try:
+            return kl_divergence(*pair)
+        except NotImplementedError:
+            continue
+    return None
+
+
+def latent_kl(draws: Draws) -> Tensor | None:
+    """sum over latent sites of KL(q(z | x) || p(z)) in closed form, ``[K, N]`` (the same for
+    every particle), or None when a site has no closed form or no prior of its own."""
+    total = torch.zeros_like(draws.log_q)
+    for name, guide_site in _latent_sites(draws.guide_trace):
+        model_site = draws.model_trace.nodes.get(name)
+        if model_site is None:
+            return None
+        kl = _closed_form_kl(guide_site["fn"], model_site["fn"])
+        if kl is None:
+            return None
+        total = total + kl
+    return total
+
+
+def free_bits_kl(draws: Draws, free_bits: float) -> Tensor:
+    """sum_d max(lambda, mean_n KL_nd) for each latent site, times N (a scalar): the free-bits
+    KL term of a minibatch, with KL_nd = 1/2 (mu_nd^2 + s_nd^2 - 1 - log s_nd^2) the closed-form
+    KL of a factorized Gaussian q from a standard normal prior in dimension d."""
+    total = 0.0
+    for name, guide_site in _latent_sites(draws.guide_trace):
+        q, p = guide_site["fn"], draws.model_trace.nodes[name]["fn"]
+        if not (_is_diagonal_normal(q) and _is_diagonal_normal(p)
+                and bool((p.base_dist.loc == 0).all()) and bool((p.base_dist.scale == 1).all())):
+            raise ZooError(
+                f"--free-bits needs a factorized Gaussian guide and a standard normal prior; "
+                f"site '{name}' has guide {type(q).__name__} and prior {type(p).__name__}. "
+                f"Use a mean-field guide or drop --free-bits")
+        kl = kl_divergence(q.base_dist, p.base_dist)  # [K, N, M], equal over particles
+        per_dimension = kl.mean(0).reshape(kl.shape[1], -1).mean(0)
+        total = total + kl.shape[1] * per_dimension.clamp(min=free_bits).sum()
+    return total
+
+
+def _is_diagonal_normal(distribution: Distribution) -> bool:
+    return isinstance(distribution, Independent) and isinstance(distribution.base_dist, Normal)
+
+
+def _log_mean_exp(log_w: Tensor, dim: int = 0) -> Tensor:
+    return torch.logsumexp(log_w, dim) - math.log(log_w.shape[dim])
+
+
+def _routed_surrogate(draws: Draws, value: Tensor, decoder_weights: Tensor,
+                      encoder_weights: Tensor, kl_weight: float) -> Tensor:
+    """A loss whose value is ``value`` and whose gradient is
+
+        - sum_kn a_kn d log w_kn / d theta   for the model's parameters theta,
+        - sum_kn b_kn d log w_kn / d phi     for the guide's parameters phi,
+
+    with a = ``decoder_weights``, b = ``encoder_weights`` (``[K, N]``, treated as constants).
+    The model term a_kn log p(x_n, z'_kn) is evaluated on views z' of the draws whose incoming
+    gradient is multiplied by b_kn / a_kn, so the pathwise part reaching phi through z carries
+    b; the guide term b_kn log q(z_kn | x_n) carries b directly. One forward and one backward
+    pass, as for IWAE. Outside autograd the value alone is returned.
+    """
+    if not torch.is_grad_enabled():
+        return value
+    a = decoder_weights.detach().clamp(min=_MIN_WEIGHT)
+    b = encoder_weights.detach()
+    ratio = b / a
+    for z, event_dim in draws.routes:
+        if z.requires_grad:
+            factor = ratio.reshape(ratio.shape + (1,) * event_dim)
+            z.register_hook(lambda grad, factor=factor: grad * factor)
+    model_term = (a * (draws.log_likelihood + kl_weight * draws.log_prior)).sum()
+    guide_term = (b * kl_weight * draws.log_q).sum()
+    surrogate = -(model_term - guide_term)
+    return value.detach() + surrogate - surrogate.detach()
+
+
+class Objective(PyroELBO):
+    """What every objective shares: Pyro's loss interface on top of ``differentiable_loss``,
+    the particle count, and the KL-annealing weight. Being a ``pyro.infer.ELBO``, an objective
+    also works in ``pyro.infer.SVI`` and as ``objective(model, guide)``, the torch module whose
+    call returns the differentiable loss.
+
+    ``kl_weight`` is min(1, epochs / anneal_epochs) after ``set_progress(epochs)``, and 1 without
+    annealing.
     """
 
-    def __init__(self, num_particles: int = 1):
-        self.num_particles = num_particles
+    def __init__(self, num_particles: int = 1, anneal_epochs: float = 0.0):
+        super().__init__(num_particles=num_particles, max_plate_nesting=1,
+                         vectorize_particles=True)
+        self.anneal_epochs = anneal_epochs
+        self.kl_weight = 1.0 if anneal_epochs == 0 else 0.0
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        log_w = log_weights(model, guide, *args, num_particles=self.num_particles)
-        return -(torch.logsumexp(log_w, 0) - math.log(self.num_particles)).sum()
+    def set_progress(self, epochs: float) -> None:
+        """Tell the objective how many epochs of training are done (KL annealing)."""
+        if self.anneal_epochs > 0:
+            self.kl_weight = min(1.0, epochs / self.anneal_epochs)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError("zoo objectives draw all particles in one vectorized pass "
+                                  "(zoo.objectives.draw), not trace by trace")
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        raise NotImplementedError
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():
@@ -120,15 +329,185 @@ class IWAE:
         return loss.item()
 
 
-OBJECTIVES: dict[str, Callable[..., ELBO | IWAE]] = {
-    "elbo": elbo, "iwae": IWAE, "enum": enumerated_elbo, "tracegraph": score_function_elbo}
+class ELBO(Objective):
+    """The evidence lower bound, per data point and averaged over K draws:
+
+        ELBO(x_n) = E_q[log p(x_n | z)] - KL(q(z | x_n) || p(z)).
+
+    With ``analytic_kl`` (the default) the KL is taken in closed form when every latent site of
+    guide and prior has one (Gaussian pairs), else estimated from the draws as
+    E_q[log q(z | x) - log p(z)], which is Pyro's ``Trace_ELBO`` estimator draw for draw.
+    ``free_bits`` lambda > 0 replaces the KL by the free-bits term (see :func:`free_bits_kl`).
+    """
+
+    def __init__(self, num_particles: int = 1, analytic_kl: bool = True, free_bits: float = 0.0,
+                 anneal_epochs: float = 0.0):
+        super().__init__(num_particles, anneal_epochs)
+        self.analytic_kl = analytic_kl
+        self.free_bits = free_bits
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        draws = draw(model, guide, *args, num_particles=self.num_particles)
+        if self.free_bits > 0:
+            return -(draws.log_likelihood.mean(0).sum()
+                     - self.kl_weight * free_bits_kl(draws, self.free_bits))
+        kl = latent_kl(draws) if self.analytic_kl else None
+        if kl is None:
+            return -draws.log_weights(self.kl_weight).mean(0).sum()
+        return -(draws.log_likelihood - self.kl_weight * kl).mean(0).sum()
+
+
+class IWAE(Objective):
+    """The importance-weighted bound of Burda et al. (2015), per data point:
+
+        L_K(x_n) = E[ log (1/K) sum_k w_kn ],    w_kn = p(x_n, z_kn) / q(z_kn | x_n).
+
+    The loss is -sum_n L_K(x_n). L_1 is the ELBO, and L_K increases to log p(x_n) as K grows;
+    but the signal-to-noise ratio of its encoder gradient falls like 1 / sqrt(K) (Rainforth et
+    al. 2018), which MIWAE, CIWAE, PIWAE and DReG address.
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        draws = draw(model, guide, *args, num_particles=self.num_particles)
+        return -_log_mean_exp(draws.log_weights(self.kl_weight)).sum()
+
+
+class _Grouped(Objective):
+    """P = M K particles per data point in M groups of K, ``[M, K, N]``."""
+
+    def __init__(self, num_particles: int = 1, num_groups: int = 1, anneal_epochs: float = 0.0):
+        super().__init__(num_particles, anneal_epochs)
+        self.num_groups = num_groups
+
+    def _grouped(self, log_w: Tensor) -> Tensor:
+        return log_w.reshape(self.num_groups, -1, log_w.shape[-1])
+
+
+class MIWAE(_Grouped):
+    """The multiply importance-weighted bound (Rainforth et al. 2018): the mean of M independent
+    L_K estimates, each on its own group of K particles (P = M K in all),
+
+        MIWAE(M, K)(x_n) = (1/M) sum_m log (1/K) sum_k w_mkn.
+
+    M = 1 is IWAE with K = P; K = 1 is the ELBO with M = P draws.
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        draws = draw(model, guide, *args, num_particles=self.num_particles)
+        log_w = self._grouped(draws.log_weights(self.kl_weight))
+        return -_log_mean_exp(log_w, 1).mean(0).sum()
+
+
+class CIWAE(Objective):
+    """The combination bound (Rainforth et al. 2018) on the same K draws,
+
+        CIWAE(x_n) = beta ELBO(x_n) + (1 - beta) L_K(x_n),
+        ELBO(x_n) ~= (1/K) sum_k log w_kn,
+
+    a convex combination of two lower bounds, itself a lower bound.
+    """
+
+    def __init__(self, num_particles: int = 1, beta: float = 0.5, anneal_epochs: float = 0.0):
+        super().__init__(num_particles, anneal_epochs)
+        self.beta = beta
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        draws = draw(model, guide, *args, num_particles=self.num_particles)
+        log_w = draws.log_weights(self.kl_weight)
+        return -(self.beta * log_w.mean(0) + (1 - self.beta) * _log_mean_exp(log_w)).sum()
+
+
+class PIWAE(_Grouped):
+    """The partially importance-weighted estimator (Rainforth et al. 2018): one set of
+    P = M K draws; the loss value is -L_{MK}; the model's parameters theta get the gradient of
+    L_{MK} and the guide's parameters phi that of MIWAE(M, K), in one step:
+
+        grad_theta = sum_mk  w~_mk                 d log w_mk / d theta   (w~ over all MK)
+        grad_phi   = sum_mk  (1/M) w~^(m)_k        d log w_mk / d phi     (w~^(m) within group m)
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        draws = draw(model, guide, *args, num_particles=self.num_particles, route=True)
+        log_w = draws.log_weights(self.kl_weight)
+        value = -_log_mean_exp(log_w).sum()
+        decoder_weights = torch.softmax(log_w, 0)
+        encoder_weights = (torch.softmax(self._grouped(log_w), 1) / self.num_groups
+                           ).reshape(log_w.shape)
+        return _routed_surrogate(draws, value, decoder_weights, encoder_weights, self.kl_weight)
+
+
+class DReG(Objective):
+    """IWAE with the doubly reparameterized encoder gradient of Tucker et al. (2018):
+
+        grad_phi = sum_k w~_k^2  d log w_k / d z_k  d z_k / d phi,
+
+    where log w_k = log p(x, z_k) - log q(z_k | x) with q's parameters held fixed inside log q
+    (only the path through z_k = z(eps_k, phi) is differentiated). Unbiased for the gradient of
+    L_K, whose score-function term it removes, so its variance does not grow with K. The
+    model's parameters get IWAE's gradient sum_k w~_k d log w_k / d theta; the value is -L_K.
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        draws = draw(model, guide, *args, num_particles=self.num_particles,
+                     stop_guide_gradients=True, route=True)
+        log_w = draws.log_weights(self.kl_weight)
+        value = -_log_mean_exp(log_w).sum()
+        weights = torch.softmax(log_w, 0)
+        return _routed_surrogate(draws, value, weights, weights.square(), self.kl_weight)
+
+
+def enumerated_elbo(num_particles: int = 1) -> PyroELBO:
+    """The ELBO with discrete latent variables summed out exactly by parallel enumeration
+    (Pyro's ``TraceEnum_ELBO``; sites marked ``infer={"enumerate": "parallel"}``)."""
+    return TraceEnum_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
+                          max_plate_nesting=1)
+
+
+def score_function_elbo(num_particles: int = 1) -> PyroELBO:
+    """The ELBO for guides with non-reparameterizable (discrete) draws: the score-function
+    estimator with Rao-Blackwellization and the baselines Pyro's ``TraceGraph_ELBO`` supports."""
+    return TraceGraph_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
+                           max_plate_nesting=1)
+
+
+OBJECTIVES: dict[str, Callable[..., Objective | PyroELBO]] = {
+    "elbo": ELBO, "iwae": IWAE, "miwae": MIWAE, "ciwae": CIWAE, "piwae": PIWAE, "dreg": DReG,
+    "enum": enumerated_elbo, "tracegraph": score_function_elbo,
+}
 """Objective name -> factory taking keyword options (``num_particles``, ...)."""
 
+_OPTION_FLAGS = {"num_groups": "--m", "beta": "--beta", "anneal_epochs": "--anneal-epochs",
+                 "free_bits": "--free-bits", "analytic_kl": "analytic_kl"}
+_OPTIONS_OF = {"elbo": {"analytic_kl", "free_bits", "anneal_epochs"},
+               "iwae": {"anneal_epochs"}, "dreg": {"anneal_epochs"},
+               "miwae": {"num_groups", "anneal_epochs"}, "piwae": {"num_groups", "anneal_epochs"},
+               "ciwae": {"beta", "anneal_epochs"}, "enum": set(), "tracegraph": set()}
 
-def make_objective(name: str, **options) -> ELBO | IWAE:
-    """Build the objective registered under ``name`` with the given options."""
+
+def make_objective(name: str, num_particles: int = 1, **options) -> Objective | PyroELBO:
+    """Build the objective registered under ``name``.
+
+    ``num_particles`` P is always the total number of particles per data point; ``num_groups``
+    M (miwae, piwae) splits them into M groups of K = P / M. Options that do not apply to the
+    objective, and values out of range, are refused with a message naming the flag.
+    """
     if name not in OBJECTIVES:
         raise ZooError(f"unknown objective '{name}'; choose one of: {', '.join(OBJECTIVES)}")
-    if options.get("num_particles", 1) < 1:
-        raise ZooError(f"--particles must be at least 1; got {options['num_particles']}")
-    return OBJECTIVES[name](**options)
+    if num_particles < 1:
+        raise ZooError(f"--particles must be at least 1; got {num_particles}")
+    for option in options:
+        if option not in _OPTIONS_OF[name]:
+            users = [objective for objective, known in _OPTIONS_OF.items() if option in known]
+            raise ZooError(f"{_OPTION_FLAGS.get(option, option)} does not apply to --loss {name}"
+                           f" (it applies to: {', '.join(users) or 'none'})")
+    num_groups = options.get("num_groups", 1)
+    if num_groups < 1 or num_particles % num_groups:
+        raise ZooError(f"--m {num_groups} must be a positive divisor of --particles "
+                       f"{num_particles} (the particles form M groups of K = P / M)")
+    if not 0 <= options.get("beta", 0.5) <= 1:
+        raise ZooError(f"--beta must be in [0, 1]; got {options['beta']}")
+    if options.get("anneal_epochs", 0) < 0:
+        raise ZooError(f"--anneal-epochs must be at least 0; got {options['anneal_epochs']}")
+    if options.get("free_bits", 0) < 0:
+        raise ZooError(f"--free-bits must be at least 0 nats; got {options['free_bits']}")
+    return OBJECTIVES[name](num_particles=num_particles, **options)
