@@ -113,3 +113,35 @@ def test_console_script_and_module_entry_point(command, tmp_path):
     assert done.stderr.strip() == "zoo: error: unknown model 'nope'; choose one of: ppca"
     done = subprocess.run([*command, "list"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0 and "ppca" in done.stdout
+
+
+@pytest.mark.parametrize("loss_flags", [
+    ["--loss", "piwae", "--particles", "8", "--m", "2"],
+    ["--loss", "dreg", "--particles", "4", "--anneal-epochs", "2"],
+    ["--loss", "elbo", "--free-bits", "0.1", "--guide", "meanfield"],
+])
+def test_objective_flags_reach_the_run(tmp_path, capsys, loss_flags):
+    run = tmp_path / "run"
+    assert main(["train", "ppca", "--out", str(run), *loss_flags, *TINY]) == 0
+    objective = json.loads((run / "config.json").read_text())["objective"]
+    flags = dict(zip(loss_flags[::2], loss_flags[1::2], strict=True))
+    assert objective["name"] == flags["--loss"]
+    assert objective["num_particles"] == int(flags.get("--particles", 1))
+    for flag, key in (("--m", "num_groups"), ("--anneal-epochs", "anneal_epochs"),
+                      ("--free-bits", "free_bits")):
+        if flag in flags:
+            assert objective[key] == float(flags[flag])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--loss", "miwae", "--particles", "10", "--m", "3"], "positive divisor"),
+    (["--loss", "iwae", "--particles", "0"], "at least 1"),
+    (["--loss", "ciwae", "--beta", "2"], "[0, 1]"),
+    (["--loss", "iwae", "--m", "2"], "--m does not apply to --loss iwae"),
+    (["--loss", "elbo", "--free-bits", "0.5", "--guide", "full"], "factorized Gaussian guide"),
+    (["--loss", "elbow"], "unknown objective 'elbow'"),
+])
+def test_invalid_objectives_are_refused_before_training(tmp_path, capsys, flags, message):
+    run = tmp_path / "run"
+    _fails_with(capsys, ["train", "ppca", "--out", str(run), *flags, *TINY], message)
+    assert not run.exists()

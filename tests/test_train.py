@@ -141,3 +141,22 @@ def test_gradient_clipping_bounds_the_update(small_ppca_config):
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(ZooError, match=message):
         TrainSettings(**settings)
+
+
+def test_engine_reports_progress_for_annealing_and_can_freeze_the_model(small_ppca_config):
+    """The KL weight ramps with the epochs done (one data pass of 1800 rows in batches of 100
+    is 18 steps); with ``freeze_model`` the model's parameters do not move."""
+    from zoo.objectives import IWAE
+
+    experiment = build_experiment(small_ppca_config, quiet=True)
+    objective = IWAE(num_particles=2, anneal_epochs=4)
+    seen = []
+    before = {k: v.clone() for k, v in experiment.model.state_dict().items()}
+    guide_before = experiment.guide.encoder.weight.detach().clone()
+    settings = TrainSettings(epochs=2, batch_size=100, quiet=True, freeze_model=True)
+    fit(experiment.model, experiment.guide, objective, experiment.train_inputs,
+        settings=settings, on_epoch=lambda row: seen.append(objective.kl_weight))
+    assert seen == pytest.approx([17 / 18 / 4, (1 + 17 / 18) / 4])
+    _assert_bitwise_equal(before, experiment.model.state_dict())
+    assert not torch.equal(guide_before, experiment.guide.encoder.weight)
+    assert all(p.requires_grad for p in experiment.model.parameters())

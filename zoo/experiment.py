@@ -119,7 +119,17 @@ def build_experiment(config: dict[str, Any], *, quiet: bool = False) -> Experime
     seed_everything(settings.seed)
     model, guide = build(entry, config["guide"], data, config["options"])
     objective = make_objective(**config["objective"])
+    _check_objective(objective, model, guide, entry.inputs(data, "train"))
     return Experiment(config, entry, data, model, guide, objective, settings)
+
+
+def _check_objective(objective, model, guide, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Fail before anything is written when the objective cannot train this model and guide
+    (free bits without a factorized Gaussian guide, a discrete guide with a pathwise gradient,
+    global latent variables for a per-data-point bound): one evaluation on two data points,
+    on a private random stream."""
+    with torch.random.fork_rng(devices=[]):
+        objective.differentiable_loss(model, guide, *(tensor[:2] for tensor in inputs))
 
 
 def default_run_dir(config: dict[str, Any], root: str = "runs") -> Path:
