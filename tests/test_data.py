@@ -130,11 +130,11 @@ def test_bad_files_and_arguments_are_refused(tmp_path):
 
 def test_unknown_name_lists_the_valid_names():
     message = ("unknown data set 'digit'; choose one of: digits, fashion-mnist, mnist, "
-               "synthetic-gmm, synthetic-ppca")
+               "synthetic-expnormal, synthetic-gmm, synthetic-ppca")
     with pytest.raises(ZooError, match=message):
         load_data("digit")
-    assert sorted(DATASETS) == ["digits", "fashion-mnist", "mnist", "synthetic-gmm",
-                                "synthetic-ppca"]
+    assert sorted(DATASETS) == ["digits", "fashion-mnist", "mnist", "synthetic-expnormal",
+                                "synthetic-gmm", "synthetic-ppca"]
 
 
 def test_standardize_fits_on_train_and_applies_to_test(tmp_path):
@@ -266,3 +266,12 @@ def test_missing_fashion_mnist_says_where_and_how(tmp_path, monkeypatch):
         assert needed in message
     assert "\n" not in message
     assert list(tmp_path.iterdir()) == []  # the failed attempt left no empty folders
+
+
+def test_synthetic_expnormal_has_the_moments_of_its_model():
+    """x = z + eps with z ~ Exponential(1), eps ~ N(0, 1): mean 1 and variance 1 + 1 = 2."""
+    data = load_data("synthetic-expnormal", test_fraction=0)
+    x = data.x_train[:, 0]
+    assert data.x_train.shape == (2000, 1)
+    assert abs(x.mean() - 1) < 4 * (2 / 2000) ** 0.5
+    assert abs(x.var() - 2) < 0.25  # sd of the sample variance: sqrt((mu4 - sigma^4) / N) ~ 0.06

@@ -36,6 +36,7 @@ DATASETS: dict[str, str] = {
     "fashion-mnist": "Fashion-MNIST clothing: 60000 train + 10000 test images of 28x28, 10 classes",
     "synthetic-ppca": "probabilistic PCA x = W z + b + noise, D=10, M=2, N=2000, truth W, b, sigma",
     "synthetic-gmm": "Gaussian mixture, K=3 full-covariance components in 2-D, N=1500, truth given",
+    "synthetic-expnormal": "z ~ Exponential(1), x = z + N(0, 1) noise: N=2000 values of x, 1 column",
 }
 
 _TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
@@ -56,6 +57,7 @@ _GMM_TRUTH = {
                     [[0.5, 0.0], [0.0, 1.5]]],
 }
 _GMM_NUM_DATA = 1500
+_EXPNORMAL_NUM_DATA = 2000
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,6 +130,8 @@ def load_data(name: str | None = None, *, file: str | os.PathLike | None = None,
         data = _load_synthetic_ppca(num_data or _PPCA_NUM_DATA, seed)
     elif name == "synthetic-gmm":
         data = _load_synthetic_gmm(num_data or _GMM_NUM_DATA, seed)
+    elif name == "synthetic-expnormal":
+        data = _load_synthetic_expnormal(num_data or _EXPNORMAL_NUM_DATA, seed)
     elif name == "digits":
         data = _subset(_load_digits(), num_data, generator)
     else:
@@ -245,6 +249,14 @@ def _load_synthetic_gmm(num_data: int, seed: int) -> Data:
     z = truth.pop("z")  # the component of each row becomes its label, split with it
     return Data("synthetic-gmm", x, z, None, None, num_classes=len(_GMM_TRUTH["weights"]),
                 truth=truth)
+
+
+def _load_synthetic_expnormal(num_data: int, seed: int) -> Data:
+    """x_n = z_n + eps_n with z_n ~ Exponential(1) and eps_n ~ N(0, 1), as a table [N, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.empty(num_data).exponential_(1.0, generator=generator)
+    x = z + torch.randn(num_data, generator=generator)
+    return Data("synthetic-expnormal", x[:, None], None, None, None)
 
 
 def _load_digits() -> Data:
