@@ -145,3 +145,15 @@ def test_invalid_objectives_are_refused_before_training(tmp_path, capsys, flags,
     run = tmp_path / "run"
     _fails_with(capsys, ["train", "ppca", "--out", str(run), *flags, *TINY], message)
     assert not run.exists()
+
+
+def test_evaluate_one_split(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "ppca", "--out", str(run), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--particles", "10", "--split", "test", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"test"}
+    none = tmp_path / "none"
+    assert main(["train", "ppca", "--test-fraction", "0", "--out", str(none), *TINY]) == 0
+    capsys.readouterr()
+    _fails_with(capsys, ["evaluate", str(none), "--split", "test"], "has no test split")

@@ -200,16 +200,19 @@ def load_run(run_dir: str | os.PathLike) -> Experiment:
     return experiment
 
 
-def evaluate_run(run_dir: str | os.PathLike, *, num_samples: int = 1000) -> dict[str, Any]:
+def evaluate_run(run_dir: str | os.PathLike, *, num_samples: int = 1000,
+                 splits: tuple[str, ...] = ("train", "test")) -> dict[str, Any]:
     """Per-data-point metrics of a trained run, ``{"train": {...}, "test": {...}}`` (``test``
-    only when the run has a test split), computed with a fixed seed."""
+    only when the run has a test split; ``splits`` picks which), computed with a fixed seed."""
     if num_samples < 1:
         raise ZooError(f"--particles must be at least 1; got {num_samples}")
+    if not splits or set(splits) - {"train", "test"}:
+        raise ZooError(f"splits must be train and/or test; got {', '.join(splits) or 'none'}")
     experiment = load_run(run_dir)
     seed_everything(experiment.settings.seed)
     experiment.model.eval(), experiment.guide.eval()
     result = {}
-    for split in ("train", "test"):
+    for split in splits:
         inputs = experiment.inputs(split)
         if inputs is not None:
             result[split] = evaluate(experiment.model, experiment.guide, *inputs,
