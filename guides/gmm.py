@@ -1,0 +1,172 @@
+r"""Guides for the Gaussian mixture (:mod:`zoo.models.gmm`).
+
+Both guides take the model's arguments, ``forward(x)`` with ``x: [N, D]``, and use the same site
+name ``"z"`` in the plate ``"data"`` of size N at dim -1.
+
+- :class:`EnumerateGuide` (``enumerate``): no sample sites and no parameters. The model's
+  assignments z, marked for parallel enumeration, are summed out exactly by ``TraceEnum_ELBO``,
+  whose loss is then -sum_n log p(x_n): the exact route, with the mixture's parameters point
+  estimates.
+- :class:`AmortizedGuide` (``amortized``): q(z_n | x_n) = Categorical(softmax(f(x_n))), an
+  encoder shared by all rows. Its site is marked for parallel enumeration, so the two ELBO
+  estimators of Pyro that accept a discrete guide give the same ELBO two ways:
+
+  * ``TraceEnum_ELBO`` (``--loss enum``) sums over the K values of z under q: the exact ELBO
+    sum_k q_nk (log p(x_n, k) - log q_nk) and its exact gradient, at K times the cost of one
+    draw;
+  * ``TraceGraph_ELBO`` (``--loss tracegraph``) draws one z per row. The draws are discrete, so
+    the encoder's gradient needs the score function, grad E_q[c] = E_q[c grad log q(z | x)]
+    (REINFORCE); it subtracts this guide's learned per-row baseline b(x_n) from the cost c
+    (Mnih & Gregor, 2014), which keeps it unbiased and lowers its variance. This is the
+    default for this guide: the teaching contrast to the exact route.
+
+The encoder. The exact posterior is p(z_n = k | x_n) = softmax_k(a_nk) with
+
+    a_nk = log pi_k - 1/2 log det Sigma_k - 1/2 (x_n - mu_k)^T Sigma_k^-1 (x_n - mu_k),
+
+a quadratic function of x_n. The encoder is linear in the quadratic features
+
+    phi(u) = [u_1, ..., u_D, u_i u_j for i <= j],    F = D + D (D + 1) / 2 features,
+
+of the standardized input u = (x - shift) / scale_in (column means and standard deviations of
+the training data), f(x) = W phi(u) + b with ``W: [K, F]``, ``b: [K]``: a family that contains
+the exact posterior of every mixture with full or diagonal covariances, so
+KL(q(z | x) || p(z | x)) can reach 0 (``best_for(model)`` builds that member). The baseline is
+linear in the same features. Both start at zero: q uniform over the components.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch import Tensor, nn
+
+from zoo.models.gmm import GMM, check_options, check_table
+
+
+class EnumerateGuide(PyroModule):
+    """The guide of the exact route: no latent sites (z is enumerated in the model) and no
+    parameters (the mixture's parameters are point estimates, held by the model)."""
+
+    def __init__(self, data_dim: int, components: int = 3):
+        super().__init__()
+        check_options(components, "full")
+        self.data_dim, self.components = data_dim, components
+
+    def extra_repr(self) -> str:
+        return f"data_dim={self.data_dim}, components={self.components}"
+
+    @classmethod
+    def for_data(cls, data, *, components: int = 3, **model_options) -> EnumerateGuide:
+        """The guide for a :class:`~zoo.data.Data` (the registry's builder; the options that
+        concern the model alone are accepted and ignored)."""
+        return cls(data.data_dim, components)
+
+    def forward(self, x: Tensor) -> None:
+        check_table(x, self.data_dim)
+
+
+def quadratic_features(u: Tensor) -> Tensor:
+    """phi(u) = [u, u_i u_j for i <= j], ``[N, D]`` -> ``[N, D + D (D + 1) / 2]``; the products
+    in the row-major order of the upper triangle (``torch.triu_indices``)."""
+    i, j = torch.triu_indices(u.shape[-1], u.shape[-1], device=u.device)
+    return torch.cat([u, u[..., i] * u[..., j]], -1)
+
+
+class AmortizedGuide(PyroModule):
+    """q(z_n | x_n) = Categorical(softmax(W phi(u_n) + b)) with a baseline
+    b(x_n) = w^T phi(u_n) + c for score-function objectives (module docstring).
+
+    ``encoder``: ``Linear(F, K)``; ``baseline_net``: ``Linear(F, 1)``; buffers ``shift`` and
+    ``scale_in`` ``[D]`` standardize the input.
+    """
+
+    def __init__(self, data_dim: int, components: int = 3):
+        super().__init__()
+        check_options(components, "full")
+        self.data_dim, self.components = data_dim, components
+        num_features = data_dim + data_dim * (data_dim + 1) // 2
+        self.encoder = PyroModule[nn.Linear](num_features, components)
+        self.baseline_net = PyroModule[nn.Linear](num_features, 1)
+        for layer in (self.encoder, self.baseline_net):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self.register_buffer("shift", torch.zeros(data_dim))
+        self.register_buffer("scale_in", torch.ones(data_dim))
+
+    def extra_repr(self) -> str:
+        return f"data_dim={self.data_dim}, components={self.components}"
+
+    @classmethod
+    def for_data(cls, data, *, components: int = 3, **model_options) -> AmortizedGuide:
+        """The guide for a :class:`~zoo.data.Data`, its input standardized with the training
+        rows (the registry's builder; options of the model alone are accepted and ignored)."""
+        guide = cls(data.data_dim, components)
+        guide.initialize_from_data(data.x_train)
+        return guide
+
+    @torch.no_grad()
+    def initialize_from_data(self, x: Tensor) -> None:
+        """Standardize the encoder's input with the column means and standard deviations of
+        ``x: [N, D]`` (constant columns keep scale 1)."""
+        check_table(x, self.data_dim)
+        std = x.std(0) if x.shape[0] > 1 else torch.ones_like(x[0])
+        self.shift.copy_(x.mean(0))
+        self.scale_in.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+
+    def features(self, x: Tensor) -> Tensor:
+        """phi((x - shift) / scale_in), ``[N, F]``."""
+        return quadratic_features((check_table(x, self.data_dim) - self.shift) / self.scale_in)
+
+    def log_responsibilities(self, x: Tensor) -> Tensor:
+        """log q(z_n = k | x_n), ``[N, K]``."""
+        return torch.log_softmax(self.encoder(self.features(x)), -1)
+
+    def responsibilities(self, x: Tensor) -> Tensor:
+        """q(z_n = k | x_n), ``[N, K]``; each row sums to 1."""
+        return self.log_responsibilities(x).exp()
+
+    def baseline(self, phi: Tensor) -> Tensor:
+        """The score-function baseline b(x_n) from the features, ``[N]``."""
+        return self.baseline_net(phi).squeeze(-1)
+
+    def forward(self, x: Tensor) -> None:
+        phi = self.features(x)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            pyro.sample("z", dist.Categorical(logits=self.encoder(phi)),
+                        infer={"enumerate": "parallel",
+                               "baseline": {"nn_baseline": self.baseline,
+                                            "nn_baseline_input": phi}})
+
+    @classmethod
+    def best_for(cls, model: GMM) -> AmortizedGuide:
+        """The exact posterior p(z | x) of the model at its current parameters, as a guide.
+
+        In the model's standardized units u (which this guide then shares), with
+        P_k = (L_k L_k^T)^-1 and m_k the standardized mean, a_nk equals, up to a constant in k,
+
+            -1/2 u^T P_k u + u^T P_k m_k + log pi_k - 1/2 m_k^T P_k m_k - sum_d log (L_k)_dd,
+
+        so the weight of u_i u_j is -(P_k)_ij for i < j and -(P_k)_ii / 2 for i = j, the weight
+        of u is P_k m_k, and the rest is the bias. Built in the model's dtype and device;
+        torch's global RNG is untouched.
+        """
+        with torch.random.fork_rng(devices=[]):
+            guide = cls(model.data_dim, model.components)
+        guide = guide.to(model.locs)
+        with torch.no_grad():
+            guide.shift.copy_(model.shift)
+            guide.scale_in.copy_(model.scale_in)
+            L = model._full_scales()                                    # [K, D, D]
+            P = torch.cholesky_inverse(L)                               # [K, D, D]
+            m = model.locs
+            i, j = torch.triu_indices(model.data_dim, model.data_dim)
+            quadratic = torch.where(i == j, -0.5, -1.0) * P[:, i, j]    # [K, D (D + 1) / 2]
+            linear = (P @ m.unsqueeze(-1)).squeeze(-1)                  # [K, D]
+            bias = (model.weights.log() - 0.5 * (linear * m).sum(-1)
+                    - L.diagonal(dim1=-2, dim2=-1).log().sum(-1))
+            guide.encoder.weight.copy_(torch.cat([linear, quadratic], -1))
+            guide.encoder.bias.copy_(bias)
+        return guide
