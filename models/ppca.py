@@ -46,6 +46,11 @@ covariance with divisor N, and S = U Lambda U^T its eigendecomposition
 
 where U_M holds the M leading eigenvectors and R is any M x M rotation: the likelihood depends on
 W only through W W^T. We return R = I.
+
+Rotations also change the posterior without changing the model's marginal: with W' = W R,
+M' = R^T M R and the posterior covariance sigma^2 M'^-1 = R^T (sigma^2 M^-1) R. At R = I the
+maximum-likelihood M = diag(Lambda_M - sigma^2) + sigma^2 I is diagonal and so is the posterior
+covariance (a mean-field guide is exact); a random rotation makes it correlated.
 """
 
 from __future__ import annotations
@@ -155,6 +160,19 @@ def maximum_likelihood(x: Tensor, latent_dim: int) -> tuple[Tensor, Tensor, Tens
     return W.to(dtype), b.to(dtype), sigma2.sqrt().to(dtype)
 
 
+INITS = ("data", "closed-form", "closed-form-rotated")
+"""How :meth:`PPCA.initialize` can start the parameters (``zoo train ppca --init``)."""
+
+
+def random_rotation(latent_dim: int, generator: torch.Generator | None = None) -> Tensor:
+    """A random orthogonal ``[M, M]`` matrix, uniform (Haar) over the orthogonal group: the Q of
+    the QR decomposition of a standard Gaussian matrix, with the signs of R's diagonal moved
+    into Q so that the decomposition is unique (Mezzadri 2007). Drawn in float64."""
+    A = torch.randn(latent_dim, latent_dim, generator=generator, dtype=torch.float64)
+    Q, R = torch.linalg.qr(A)
+    return Q * R.diagonal().sign()
+
+
 class PPCA(PyroModule):
     """Probabilistic PCA as a Pyro model with parameters ``W: [D, M]``, ``b: [D]``, ``sigma``.
 
@@ -223,6 +241,27 @@ class PPCA(PyroModule):
             s = x.new_tensor(1.0)
         W = 0.1 * s * torch.randn(self.W.shape, dtype=self.W.dtype, device=self.W.device)
         self.set_parameters(W=W, b=x.mean(0), sigma=0.5 * s)
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor, init: str = "data") -> None:
+        """Start from ``x: [N, D]`` as ``init`` says (one of :data:`INITS`):
+
+        - ``data``: :meth:`initialize_from_data` (small random W at the data's scale);
+        - ``closed-form``: the maximum-likelihood solution, whose posterior covariance is
+          diagonal (see the module docstring);
+        - ``closed-form-rotated``: the maximum-likelihood W times a random rotation R (drawn
+          from torch's global generator, which zoo seeds with the run's seed): the same
+          likelihood, a correlated posterior.
+        """
+        if init not in INITS:
+            raise ZooError(f"unknown --init '{init}' for ppca; choose one of: {', '.join(INITS)}")
+        if init == "data":
+            self.initialize_from_data(x)
+            return
+        W, b, sigma = maximum_likelihood(self._check(x), self.latent_dim)
+        if init == "closed-form-rotated":
+            W = W @ random_rotation(self.latent_dim).to(W)
+        self.set_parameters(W, b, sigma)
 
     def forward(self, x: Tensor) -> None:
         """p(x, z) = prod_n N(z_n | 0, I_M) N(x_n | W z_n + b, sigma^2 I_D), ``x: [N, D]``."""

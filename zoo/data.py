@@ -36,7 +36,7 @@ DATASETS: dict[str, str] = {
     "fashion-mnist": "Fashion-MNIST clothing: 60000 train + 10000 test images of 28x28, 10 classes",
     "synthetic-ppca": "probabilistic PCA x = W z + b + noise, D=10, M=2, N=2000, truth W, b, sigma",
     "synthetic-gmm": "Gaussian mixture, K=3 full-covariance components in 2-D, N=1500, truth given",
-    "synthetic-expnormal": "z ~ Exponential(1), x = z + N(0, 1) noise: N=2000 values of x, 1 column",
+    "synthetic-expnormal": "z ~ Exponential(1), x = z + N(0, 1): N=2000 values of x, 1 column",
 }
 
 _TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}

@@ -175,15 +175,17 @@ def draw_figures(experiment: Experiment, history: list[dict[str, float]], folder
                  ) -> list[Path]:
     """The figures that apply to this run: always the loss curves (with the closed-form optimum
     as reference when the model has one); exact against approximate posteriors of a few
-    training points when the model has a closed-form posterior and the guide exposes q."""
+    training points, over the first two latent dimensions, when the model has a closed-form
+    posterior and the guide exposes q."""
     model, guide, x = experiment.model, experiment.guide, experiment.data.x_train
     reference = None
     if hasattr(model, "maximum_likelihood"):
         reference = -model.maximum_likelihood(x).marginal_log_prob(x).mean().item()
     figures = [plots.plot_training(history, folder / "loss.png", reference=reference,
                                    reference_label="closed-form optimum")]
-    if hasattr(model, "posterior") and hasattr(guide, "distribution"):
-        points = x[:6]
+    points = x[:6]
+    if (hasattr(model, "posterior") and hasattr(guide, "distribution")
+            and guide.distribution(points).event_shape[-1:] >= (2,)):
         figures.append(plots.plot_posterior_ellipses(
             model.posterior(points), guide.distribution(points), folder / "posterior.png",
             title=f"{experiment.entry.name}: exact vs {experiment.config['guide']} guide"))
