@@ -69,7 +69,7 @@ def test_user_csv_table(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "pcaa"], "unknown model 'pcaa'; choose one of: ppca"),
+    (["train", "pcaa"], "unknown model 'pcaa'; choose one of: ppca, "),
     (["train", "ppca", "--guide", "diag"], "unknown guide 'diag' for model ppca; choose one of"),
     (["train", "ppca", "--loss", "elbow"], "unknown objective 'elbow'; choose one of: elbo"),
     (["train", "ppca", "--dataset", "digitz"], "unknown data set 'digitz'"),
@@ -110,7 +110,7 @@ def test_console_script_and_module_entry_point(command, tmp_path):
     done = subprocess.run([*command, "train", "nope"], capture_output=True, text=True,
                           cwd=tmp_path)
     assert done.returncode == 2
-    assert done.stderr.strip() == "zoo: error: unknown model 'nope'; choose one of: ppca"
+    assert done.stderr.strip().startswith("zoo: error: unknown model 'nope'; choose one of: ppca, ")
     done = subprocess.run([*command, "list"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0 and "ppca" in done.stdout
 

@@ -172,10 +172,12 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(json.dumps(result))
         return
     names = list(dict.fromkeys(name for split in result.values() for name in split))
-    print(f"{'metric (nats per data point)':30s}" + "".join(f"{s:>14s}" for s in result))
+    print(f"{'metric (mean per data point)':30s}" + "".join(f"{s:>14s}" for s in result))
     for name in names:
         print(f"{name:30s}" + "".join(f"{values.get(name, float('nan')):14.4f}"
                                       for values in result.values()))
+    if "bic" in names:
+        print("(bic is for the whole split: -2 log-likelihood + parameters x log N)")
 
 
 def _sample(args: argparse.Namespace) -> None:

@@ -1,6 +1,6 @@
 """``zoo demo``: train every registered model briefly on its embedded default data, evaluate
-it, and write a report folder with ``report.html``, ``metrics.json`` and one run folder per
-model."""
+it, diagnose its guide against the exact (or NUTS) posterior, and write a report folder with
+``report.html``, ``metrics.json`` and one run folder per model."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 
 from zoo import runs
+from zoo.diagnostics import diagnose_run
 from zoo.experiment import evaluate_run, make_config, train_run
 from zoo.registry import MODELS
 from zoo.report import Section, write_report
 
 DEMO_PARTICLES = 500
+DEMO_POINTS = 10
 
 
 def run_demo(out: str | os.PathLike | None = None, *, quiet: bool = False,
@@ -27,6 +29,7 @@ def run_demo(out: str | os.PathLike | None = None, *, quiet: bool = False,
         started = time.perf_counter()
         run_dir = train_run(config, out / entry.name, force=force, quiet=quiet)
         metrics = evaluate_run(run_dir, num_samples=DEMO_PARTICLES)
+        metrics["diagnostics"] = diagnose_run(run_dir, num_points=DEMO_POINTS)
         seconds = time.perf_counter() - started
         results[entry.name] = {**metrics, "guide": config["guide"],
                                "data": config["data"]["name"], "seconds": seconds}
@@ -35,6 +38,7 @@ def run_demo(out: str | os.PathLike | None = None, *, quiet: bool = False,
             title=f"{entry.name} ({config['guide']} guide, {config['data']['name']} data)",
             description=entry.description, metrics=metrics, figures=figures,
             notes=[f"{seconds:.1f} s; run folder {run_dir.name}/; log-likelihood estimated with "
-                   f"{DEMO_PARTICLES} importance samples per data point."]))
+                   f"{DEMO_PARTICLES} importance samples per data point; diagnostics on "
+                   f"{DEMO_POINTS} test points (run folder's report.html)."]))
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     return write_report(out, "zoo demo", sections)

@@ -14,10 +14,15 @@ from typing import Any
 
 import torch
 
+from zoo import generation, mixture_plots
 from zoo.data import Data
 from zoo.errors import ZooError
+from zoo.guides import cvae as cvae_guides
+from zoo.guides import expnormal as expnormal_guides
+from zoo.guides import gmm as gmm_guides
 from zoo.guides import ppca as ppca_guides
-from zoo.models import ppca
+from zoo.guides import vae as vae_guides
+from zoo.models import cvae, expnormal, gmm, ppca, vae
 
 
 @dataclass(frozen=True)
@@ -68,19 +73,86 @@ def _from_data(module_class: type, data: Data, **options) -> torch.nn.Module:
     return module
 
 
+def _build_ppca(data: Data, *, latent_dim: int, init: str) -> ppca.PPCA:
+    """PPCA(D, latent_dim) started as ``init`` says (:meth:`~zoo.models.ppca.PPCA.initialize`)."""
+    model = ppca.PPCA(data.data_dim, latent_dim)
+    model.initialize(data.x_train, init)
+    return model
+
+
+def _ppca_guide(guide_class: type, data: Data, *, init: str, **options) -> torch.nn.Module:
+    """A PPCA guide initialized from the training data; ``init`` concerns the model alone."""
+    return _from_data(guide_class, data, **options)
+
+
 MODELS: dict[str, ModelEntry] = {
     entry.name: entry for entry in [
         ModelEntry(
             name="ppca",
             description="probabilistic PCA, x = W z + b + eps, with its closed-form marginal, "
                         "posterior and maximum-likelihood solution",
-            build_model=partial(_from_data, ppca.PPCA),
-            guides={"meanfield": partial(_from_data, ppca_guides.MeanFieldGuide),
-                    "full": partial(_from_data, ppca_guides.FullGuide)},
+            build_model=_build_ppca,
+            guides={"meanfield": partial(_ppca_guide, ppca_guides.MeanFieldGuide),
+                    "full": partial(_ppca_guide, ppca_guides.FullGuide)},
             default_data="synthetic-ppca",
-            options={"latent_dim": 2},
+            options={"latent_dim": 2, "init": "data"},
             train={"steps": 3000, "batch_size": 256, "lr": 0.01, "lr_schedule": "cosine"},
             demo={"steps": 1500},
+        ),
+        ModelEntry(
+            name="expnormal",
+            description="teaching model z ~ Exponential(1), x | z ~ N(z, 1): exact posterior "
+                        "N(x - 1, 1) truncated to z >= 0, exact marginal through the normal CDF",
+            build_model=lambda data: expnormal.ExpNormal(data.data_dim),
+            guides={"lognormal": partial(_from_data, expnormal_guides.LogNormalGuide),
+                    "normal": partial(_from_data, expnormal_guides.NormalGuide)},
+            default_data="synthetic-expnormal",
+            train={"steps": 3000, "batch_size": 256, "lr": 0.01, "lr_schedule": "cosine"},
+            demo={"steps": 1500},
+            plots={"posterior-fit": expnormal_guides.plot_fits},
+        ),
+        ModelEntry(
+            name="vae",
+            description="variational autoencoder, z ~ N(0, I), x ~ p(x | decoder(z)), with an "
+                        "MLP or convolutional encoder q(z | x) = N(mu(x), diag sigma(x)^2)",
+            build_model=vae.VAE.for_data,
+            guides={"meanfield": vae_guides.MeanFieldGuide.for_data},
+            default_data="digits",
+            options={"latent_dim": None, "likelihood": "bernoulli", "architecture": "mlp"},
+            train={"epochs": 10, "batch_size": 20, "lr": 1e-3},
+            demo={"epochs": 40, "batch_size": 50, "lr": 3e-3},
+            binarized=lambda options: options["likelihood"] == "bernoulli",
+            plots=generation.VAE_PLOTS,
+        ),
+        ModelEntry(
+            name="cvae",
+            description="label-conditioned VAE, x ~ p(x | z, y) with y one-hot, so that z "
+                        "carries the style and y the content; q(z | x, y)",
+            build_model=cvae.CVAE.for_data,
+            guides={"meanfield": cvae_guides.MeanFieldGuide.for_data},
+            default_data="digits",
+            options={"latent_dim": None, "likelihood": "bernoulli", "architecture": "mlp"},
+            train={"epochs": 10, "batch_size": 20, "lr": 1e-3},
+            demo={"epochs": 40, "batch_size": 50, "lr": 3e-3},
+            labels=True,
+            binarized=lambda options: options["likelihood"] == "bernoulli",
+            plots=generation.CVAE_PLOTS,
+        ),
+        ModelEntry(
+            name="gmm",
+            description="Gaussian mixture with full or diag covariances; assignments summed out "
+                        "exactly (enumerate, TraceEnum_ELBO) or inferred by an amortized "
+                        "categorical q(z | x) (amortized); exact log-likelihood, responsibilities "
+                        "and BIC",
+            build_model=gmm.GMM.for_data,
+            guides={"enumerate": gmm_guides.EnumerateGuide.for_data,
+                    "amortized": gmm_guides.AmortizedGuide.for_data},
+            default_data="synthetic-gmm",
+            options={"components": 3, "covariance": "full", "restarts": 10, "prior": "none"},
+            train={"steps": 1000, "batch_size": 256, "lr": 0.1, "lr_schedule": "cosine"},
+            demo={"steps": 500},
+            objectives={"enumerate": {"name": "enum"}, "amortized": {"name": "tracegraph"}},
+            plots={"components": mixture_plots.plot_run_components},
         ),
     ]
 }
