@@ -36,17 +36,18 @@ def make_config(model: str, *, guide: str | None = None, options: dict[str, Any]
     """A complete configuration: the given values over the registry's defaults for ``model``.
 
     Values that are None count as not given; giving ``epochs`` without ``steps`` trains for
-    that many epochs even where the model's default is a number of steps. A data file path is
-    made absolute, so the run folder can be used from anywhere.
+    that many epochs even where the model's default is a number of steps. A data file and a
+    data folder are made absolute, so the run folder can be used from anywhere.
     """
     entry = get_model(model)
     guide = guide or entry.default_guide
     given = lambda values: {k: v for k, v in (values or {}).items() if v is not None}  # noqa: E731
     data = {"name": None, "file": None, "data_dir": None, "test_fraction": 0.1,
             "standardize": False, **given(data)}
-    if data["file"] is not None:
-        data["file"] = os.path.abspath(data["file"])
-    elif data["name"] is None:
+    for key in ("file", "data_dir"):
+        if data[key] is not None:
+            data[key] = os.path.abspath(os.path.expanduser(data[key]))
+    if data["file"] is None and data["name"] is None:
         data["name"] = entry.default_data
     train, defaults = given(train), dict(entry.train)
     if "epochs" in train:  # asking for epochs overrides a default number of steps

@@ -42,6 +42,7 @@ one backward pass gives the model's parameters the weights a_k and the guide's t
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -138,7 +139,10 @@ def draw(model: Callable, guide: Callable, *args: Tensor, num_particles: int = 1
     if num_particles < 1:
         raise ZooError(f"the number of particles must be at least 1; got {num_particles}")
     shape = (num_particles, args[0].shape[0])
-    with pyro.plate(PARTICLE_PLATE, num_particles, dim=-2):
+    # one particle needs no particle plate: the same draws, one batch dimension less to handle
+    particles = (pyro.plate(PARTICLE_PLATE, num_particles, dim=-2) if num_particles > 1
+                 else contextlib.nullcontext())
+    with particles:
         guide_trace = poutine.trace(guide).get_trace(*args)
         _check_reparameterized(guide_trace)
         if stop_guide_gradients:
@@ -251,8 +255,9 @@ def free_bits_kl(draws: Draws, free_bits: float) -> Tensor:
                 f"--free-bits needs a factorized Gaussian guide and a standard normal prior; "
                 f"site '{name}' has guide {type(q).__name__} and prior {type(p).__name__}. "
                 f"Use a mean-field guide or drop --free-bits")
-        kl = kl_divergence(q.base_dist, p.base_dist)  # [K, N, M], equal over particles
-        per_dimension = kl.mean(0).reshape(kl.shape[1], -1).mean(0)
+        kl = kl_divergence(q.base_dist, p.base_dist)  # [(K,) N, M], equal over particles
+        kl = kl.reshape(*draws.log_q.shape, -1)  # [K, N, M]
+        per_dimension = kl.mean(0).mean(0)
         total = total + kl.shape[1] * per_dimension.clamp(min=free_bits).sum()
     return total
 
@@ -285,7 +290,7 @@ def _routed_surrogate(draws: Draws, value: Tensor, decoder_weights: Tensor,
     ratio = b / a
     for z, event_dim in draws.routes:
         if z.requires_grad:
-            factor = ratio.reshape(ratio.shape + (1,) * event_dim)
+            factor = ratio.reshape(z.shape[:z.dim() - event_dim] + (1,) * event_dim)
             z.register_hook(lambda grad, factor=factor: grad * factor)
     model_term = (a * (draws.log_likelihood + kl_weight * draws.log_prior)).sum()
     guide_term = (b * kl_weight * draws.log_q).sum()
