@@ -277,7 +277,7 @@ def _plot(results: dict[str, Any], experiments: dict[str, Experiment], em: dict[
     axes.set_ylabel("nats per training point")
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize="small", ncol=2)
-    return plots._save(figure, path)
+    return plots.save_figure(figure, path)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

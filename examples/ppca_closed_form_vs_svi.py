@@ -115,7 +115,7 @@ def _plot_training(curves: dict[str, list[dict[str, float]]], optimum: float,
         axes.set_title(title)
         axes.grid(alpha=0.3)
     panels[1].legend(loc="lower right", fontsize="small")
-    return plots._save(figure, path)
+    return plots.save_figure(figure, path)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -122,4 +122,4 @@ def plot_fits(experiment, path: str | Path) -> Path:
         axes.legend(fontsize="small")
     figure.suptitle(f"{experiment.entry.name}: {experiment.config['guide']} guide against the "
                     f"exact posterior")
-    return plots._save(figure, path)
+    return plots.save_figure(figure, path)

@@ -2,6 +2,7 @@
 example's SVI fit with the full guide reaches the closed-form maximum-likelihood solution."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -74,3 +75,26 @@ def test_principal_angles():
     assert torch.allclose(angles(A, rotated), torch.zeros(2, dtype=torch.float64), atol=1e-5)
     assert torch.allclose(angles(A, tilted), torch.tensor([0.0, 45.0], dtype=torch.float64),
                           atol=1e-5)
+
+
+def test_gradient_snr_example_runs_as_a_script(tmp_path):
+    script = REPO / "examples" / "gradient_snr.py"
+    result = _run(script, "--models", "ppca", "--particles", "1", "4", "--repeats", "5",
+                  "--pretrain-steps", "20", "--quiet", "--out", "snr", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name in ("iwae", "miwae", "ciwae", "piwae", "dreg", "elbo"):
+        assert name in result.stdout
+    assert (tmp_path / "snr" / "snr_ppca.png").read_bytes().startswith(PNG_SIGNATURE)
+    table = json.loads((tmp_path / "snr" / "gradient_snr.json").read_text())
+    assert set(table["ppca"]["snr"]["dreg"]) == {"1", "4"}
+
+
+def test_gmm_example_runs_as_a_script(tmp_path):
+    script = REPO / "examples" / "gmm_enumeration_vs_amortized.py"
+    result = _run(script, "--steps", "20", "--restarts", "2", "--variance-repeats", "3",
+                  "--quiet", "--out", "figures", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for row in ("EM (sklearn)", "SVI enumerate", "SVI amortized", "SVI score-fn"):
+        assert row in result.stdout
+    content = (tmp_path / "figures" / "gmm_comparison.png").read_bytes()
+    assert content.startswith(PNG_SIGNATURE) and len(content) > 1000

@@ -779,7 +779,7 @@ def plot_marginals(idata: az.InferenceData, path: str | Path, *, max_points: int
             ax.set_title(f"point {n}" + ("" if m is None else f", z{m + 1}"), fontsize="small")
             if row or column:
                 ax.get_legend().remove()
-    return plots._save(figure, path)
+    return plots.save_figure(figure, path)
 
 
 def plot_pairs(idata: az.InferenceData, path: str | Path) -> Path | None:
@@ -799,7 +799,7 @@ def plot_pairs(idata: az.InferenceData, path: str | Path) -> Path | None:
                  reference_values={LATENT: mean})
     ax.set_title(f"point {coords['obs'][0]}: q (red), {idata.reference_posterior.attrs['method']}"
                  f" (black)", fontsize="small")
-    return plots._save(figure, path)
+    return plots.save_figure(figure, path)
 
 
 def plot_forest(idata: az.InferenceData, path: str | Path, *, max_points: int = 6,
@@ -815,7 +815,7 @@ def plot_forest(idata: az.InferenceData, path: str | Path, *, max_points: int = 
                    model_names=["q(z|x)", reference.attrs["method"]], var_names=[LATENT],
                    coords=coords, combined=True, hdi_prob=0.94, ax=ax,
                    colors=[Q_STYLE["color"], P_STYLE["color"]])
-    return plots._save(figure, path)
+    return plots.save_figure(figure, path)
 
 
 def plot_khat(khat: Tensor, exact: Tensor, obs: np.ndarray, path: str | Path) -> Path:
@@ -833,7 +833,7 @@ def plot_khat(khat: Tensor, exact: Tensor, obs: np.ndarray, path: str | Path) ->
     ax.set_title("PSIS k-hat of log p(x, z) - log q(z | x)"
                  + (f"; {exact_count} points exact (equal weights)" if exact_count else ""),
                  fontsize="small")
-    return plots._save(figure, path)
+    return plots.save_figure(figure, path)
 
 
 def plot_ranks(calibration: Calibration, path: str | Path, *, max_dims: int = 8) -> Path:
@@ -853,7 +853,7 @@ def plot_ranks(calibration: Calibration, path: str | Path, *, max_dims: int = 8)
         ax.set_title(f"z{m + 1}: p = {calibration.pvalues[m].item():.3g}", fontsize="small")
         ax.set_xlabel(f"rank bin (L = {calibration.num_draws})")
     figure.suptitle(f"simulation-based calibration, {R} simulations")
-    return plots._save(figure, path)
+    return plots.save_figure(figure, path)
 
 
 def plot_gaps(gaps: Gaps, obs: np.ndarray, path: str | Path) -> Path:
@@ -871,7 +871,7 @@ def plot_gaps(gaps: Gaps, obs: np.ndarray, path: str | Path) -> Path:
     ax.set_ylabel("nats")
     ax.set_title("log p(x) - ELBO" + ("" if gaps.exact else " (log p(x) importance-sampled)"))
     ax.legend()
-    return plots._save(figure, path)
+    return plots.save_figure(figure, path)
 
 
 def draw_figures(diagnostics: Diagnostics, folder: Path) -> list[Path]:

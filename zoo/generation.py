@@ -43,7 +43,7 @@ from torch import Tensor
 from zoo import runs
 from zoo.errors import ZooError
 from zoo.evaluate import ACTIVE_UNIT_THRESHOLD, active_units
-from zoo.plots import _save
+from zoo.plots import save_figure
 from zoo.train import seed_everything
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ def plot_image_grid(images: Tensor, path: str | os.PathLike, *, title: str = "",
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize="medium")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _grid(images: Tensor, shape: Sequence[int]) -> Tensor:
@@ -318,7 +318,7 @@ def plot_latents(experiment: Experiment, path: str | os.PathLike) -> Path:
                    f"active units: {active} of {M} (variance of E_q[z_d] > "
                    f"{ACTIVE_UNIT_THRESHOLD})", fontsize="medium")
     axes.grid(alpha=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 @torch.no_grad()

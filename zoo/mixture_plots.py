@@ -18,7 +18,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from zoo.plots import _ellipse, _save
+from zoo.plots import covariance_ellipse, save_figure
 
 
 def component_colors(components: int) -> torch.Tensor:
@@ -58,7 +58,7 @@ def draw_components(axes: Axes, x: torch.Tensor, responsibilities: torch.Tensor,
     centres = (means.double() - c) @ P
     projected = P.T @ covariances.double() @ P
     for k, (centre, covariance) in enumerate(zip(centres, projected, strict=True)):
-        axes.add_patch(_ellipse(centre, covariance, color=tuple(colors[k].tolist()),
+        axes.add_patch(covariance_ellipse(centre, covariance, color=tuple(colors[k].tolist()),
                                 linewidth=2, linestyle=linestyle))
         axes.annotate(f"{weights[k]:.2f}", centre.tolist(), ha="center", va="center",
                       fontsize=8, fontweight="bold")
@@ -104,7 +104,7 @@ def plot_components(x: torch.Tensor, responsibilities: torch.Tensor, weights: to
         draw_densities(axes, x, weights, means, covariances, title=title)
     else:
         draw_components(axes, x, responsibilities, weights, means, covariances, title=title)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 @torch.no_grad()
@@ -125,4 +125,4 @@ def plot_run_components(experiment, path: str | Path) -> Path:
                     plane=plane, title=f"{name}: exact p(z | x)")
     draw_components(right, x, guide.responsibilities(x), weights, means, covariances,
                     plane=plane, title="amortized q(z | x)")
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -12,7 +12,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
 
 
-def _save(figure: Figure, path: str | Path) -> Path:
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Write ``figure`` to ``path`` (creating its folder) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110, bbox_inches="tight")
@@ -36,10 +37,10 @@ def plot_training(history: Sequence[dict[str, float]], path: str | Path, *,
     axes.set_ylabel("loss (nats per data point)")
     axes.legend()
     axes.grid(alpha=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
-def _ellipse(mean: torch.Tensor, covariance: torch.Tensor, **style) -> Ellipse:
+def covariance_ellipse(mean: torch.Tensor, covariance: torch.Tensor, **style) -> Ellipse:
     """The 2-standard-deviation ellipse of a 2-D Gaussian."""
     variances, axes = torch.linalg.eigh(covariance)
     angle = math.degrees(math.atan2(axes[1, 1], axes[0, 1]))
@@ -64,7 +65,7 @@ def plot_posterior_ellipses(posterior, approximation, path: str | Path, *,
         means = distribution.mean[:, index]
         covariances = _covariance(distribution)[:, index][:, :, index]
         for n, (mean, covariance) in enumerate(zip(means, covariances, strict=True)):
-            axes.add_patch(_ellipse(mean, covariance, color=color,
+            axes.add_patch(covariance_ellipse(mean, covariance, color=color,
                                     label=label if n == 0 else None))
         axes.scatter(*means.T, color=color, s=8)
     axes.set_xlabel(f"z{dims[0] + 1}")
@@ -73,7 +74,7 @@ def plot_posterior_ellipses(posterior, approximation, path: str | Path, *,
     axes.autoscale_view()
     axes.legend(loc="best")
     axes.set_title(title)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _covariance(distribution) -> torch.Tensor:
