@@ -85,6 +85,16 @@ def _ppca_guide(guide_class: type, data: Data, *, init: str, **options) -> torch
     return _from_data(guide_class, data, **options)
 
 
+_IMAGE_MODEL_SETTINGS: dict[str, Any] = dict(
+    default_data="digits",
+    options={"latent_dim": None, "likelihood": "bernoulli", "architecture": "mlp"},
+    train={"epochs": 10, "batch_size": 20, "lr": 1e-3},  # Burda et al. (2015): batch 20, Adam
+    demo={"epochs": 40, "batch_size": 50, "lr": 3e-3},
+    binarized=lambda options: options["likelihood"] == "bernoulli",
+)
+"""What the VAE and the CVAE share: digits by default, the Bernoulli likelihood on dynamically
+binarized images, the training settings of Burda et al. (2015)."""
+
 MODELS: dict[str, ModelEntry] = {
     entry.name: entry for entry in [
         ModelEntry(
@@ -117,12 +127,8 @@ MODELS: dict[str, ModelEntry] = {
                         "MLP or convolutional encoder q(z | x) = N(mu(x), diag sigma(x)^2)",
             build_model=vae.VAE.for_data,
             guides={"meanfield": vae_guides.MeanFieldGuide.for_data},
-            default_data="digits",
-            options={"latent_dim": None, "likelihood": "bernoulli", "architecture": "mlp"},
-            train={"epochs": 10, "batch_size": 20, "lr": 1e-3},
-            demo={"epochs": 40, "batch_size": 50, "lr": 3e-3},
-            binarized=lambda options: options["likelihood"] == "bernoulli",
             plots=generation.VAE_PLOTS,
+            **_IMAGE_MODEL_SETTINGS,
         ),
         ModelEntry(
             name="cvae",
@@ -130,13 +136,9 @@ MODELS: dict[str, ModelEntry] = {
                         "carries the style and y the content; q(z | x, y)",
             build_model=cvae.CVAE.for_data,
             guides={"meanfield": cvae_guides.MeanFieldGuide.for_data},
-            default_data="digits",
-            options={"latent_dim": None, "likelihood": "bernoulli", "architecture": "mlp"},
-            train={"epochs": 10, "batch_size": 20, "lr": 1e-3},
-            demo={"epochs": 40, "batch_size": 50, "lr": 3e-3},
             labels=True,
-            binarized=lambda options: options["likelihood"] == "bernoulli",
             plots=generation.CVAE_PLOTS,
+            **_IMAGE_MODEL_SETTINGS,
         ),
         ModelEntry(
             name="gmm",
