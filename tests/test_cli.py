@@ -157,3 +157,13 @@ def test_evaluate_one_split(tmp_path, capsys):
     assert main(["train", "ppca", "--test-fraction", "0", "--out", str(none), *TINY]) == 0
     capsys.readouterr()
     _fails_with(capsys, ["evaluate", str(none), "--split", "test"], "has no test split")
+
+
+@pytest.mark.parametrize("model, figures", [
+    ("vae", {"loss.png", "samples.png", "reconstructions.png", "latents.png"}),
+    ("gmm", {"loss.png", "components.png"}),
+])
+def test_training_draws_the_models_own_figures(tmp_path, model, figures):
+    run = tmp_path / "run"
+    assert main(["train", model, "--steps", "20", "--quiet", "--out", str(run)]) == 0
+    assert {path.name for path in (run / "figures").iterdir()} == figures

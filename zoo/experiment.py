@@ -177,7 +177,7 @@ def draw_figures(experiment: Experiment, history: list[dict[str, float]], folder
     """The figures that apply to this run: always the loss curves (with the closed-form optimum
     as reference when the model has one); exact against approximate posteriors of a few
     training points, over the first two latent dimensions, when the model has a closed-form
-    posterior and the guide exposes q."""
+    posterior and the guide exposes q; and the model's own figures (``ModelEntry.figures``)."""
     model, guide, x = experiment.model, experiment.guide, experiment.data.x_train
     reference = None
     if hasattr(model, "maximum_likelihood"):
@@ -190,6 +190,9 @@ def draw_figures(experiment: Experiment, history: list[dict[str, float]], folder
         figures.append(plots.plot_posterior_ellipses(
             model.posterior(points), guide.distribution(points), folder / "posterior.png",
             title=f"{experiment.entry.name}: exact vs {experiment.config['guide']} guide"))
+    experiment.model.eval(), experiment.guide.eval()
+    figures += [experiment.entry.plots[kind](experiment, folder / f"{kind}.png")
+                for kind in experiment.entry.figures]
     return figures
 
 

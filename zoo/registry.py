@@ -38,7 +38,8 @@ class ModelEntry:
     model and guide take the labels ``y`` after ``x``. ``binarized(options)`` says whether the
     model sees binary images: training then draws them afresh each epoch from the grey levels,
     evaluation uses one seeded draw. ``plots`` maps each ``zoo plot --kind`` name to a function
-    ``plot(experiment, path) -> path`` drawing that figure for a trained run.
+    ``plot(experiment, path) -> path`` drawing that figure for a trained run; ``figures`` names
+    the kinds drawn after every training run, beside the loss curves.
     """
 
     name: str
@@ -53,6 +54,7 @@ class ModelEntry:
     labels: bool = False
     binarized: Callable[[dict[str, Any]], bool] = lambda options: False
     plots: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    figures: tuple[str, ...] = ()
 
     @property
     def default_guide(self) -> str:
@@ -120,6 +122,7 @@ MODELS: dict[str, ModelEntry] = {
             train={"steps": 3000, "batch_size": 256, "lr": 0.01, "lr_schedule": "cosine"},
             demo={"steps": 1500},
             plots={"posterior-fit": expnormal_guides.plot_fits},
+            figures=("posterior-fit",),
         ),
         ModelEntry(
             name="vae",
@@ -128,6 +131,7 @@ MODELS: dict[str, ModelEntry] = {
             build_model=vae.VAE.for_data,
             guides={"meanfield": vae_guides.MeanFieldGuide.for_data},
             plots=generation.VAE_PLOTS,
+            figures=("samples", "reconstructions", "latents"),
             **_IMAGE_MODEL_SETTINGS,
         ),
         ModelEntry(
@@ -138,6 +142,7 @@ MODELS: dict[str, ModelEntry] = {
             guides={"meanfield": cvae_guides.MeanFieldGuide.for_data},
             labels=True,
             plots=generation.CVAE_PLOTS,
+            figures=("samples", "analogies"),
             **_IMAGE_MODEL_SETTINGS,
         ),
         ModelEntry(
@@ -155,6 +160,7 @@ MODELS: dict[str, ModelEntry] = {
             demo={"steps": 500},
             objectives={"enumerate": {"name": "enum"}, "amortized": {"name": "tracegraph"}},
             plots={"components": mixture_plots.plot_run_components},
+            figures=("components",),
         ),
     ]
 }
