@@ -24,7 +24,7 @@ z >= 0, one guide each:
   for small x the posterior has its mode on the boundary z = 0, where every log-normal density
   vanishes. Minimizing the reverse KL then fits the bulk near the boundary and gives up the
   mass at z -> 0 (q is too light there), so the importance weights p / q have a heavy tail
-  (large k-hat) exactly for those x. :func:`plot_fits` draws it.
+  (large k-hat) exactly for those x. :func:`zoo.plots.plot_expnormal_fits` draws it.
 
 The encoder sees x standardized with the training mean and standard deviation
 (``initialize_from_data``), like the PPCA guides.
@@ -32,25 +32,17 @@ The encoder sees x standardized with the training mean and standard deviation
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pyro
 import pyro.distributions as dist
 import torch
-from matplotlib.figure import Figure
 from pyro.nn import PyroModule
 from torch import Tensor, nn
-from torch.distributions import kl_divergence
 
-from zoo import plots
 from zoo.models.expnormal import TruncatedNormal
 
 MIN_SCALE = 1e-3
 """Added to the softplus of the scale, so that q never collapses to a point."""
 
-FIT_X = (-1.0, 0.5, 2.0, 4.0)
-"""The observations :func:`plot_fits` shows: a boundary mode, two in between, a nearly
-Gaussian posterior."""
 
 
 class _EncoderGuide(PyroModule):
@@ -96,30 +88,3 @@ class LogNormalGuide(_EncoderGuide):
     def distribution(self, x: Tensor) -> dist.Independent:
         """q(z | x) as ``Independent(LogNormal(mu, s), 1)``: batch [N], event [1]."""
         return dist.LogNormal(*self.encode(x)).to_event(1)
-
-
-@torch.no_grad()
-def plot_fits(experiment, path: str | Path) -> Path:
-    """The exact posterior p(z | x) (black) against the run's q(z | x) (red) for each x in
-    ``FIT_X``, with the posterior mass q misses shaded (the area where p > q, which is the total
-    variation distance) and KL(q || p) in each title: where the reverse KL fits the mode and
-    where it loses mass."""
-    model, guide = experiment.model, experiment.guide
-    figure = Figure(figsize=(3.2 * len(FIT_X), 3.4), layout="constrained")
-    for axes, value in zip(figure.subplots(1, len(FIT_X)), FIT_X, strict=True):
-        x = torch.tensor([[value]])
-        p, q = model.posterior(x).base_dist, guide.distribution(x).base_dist
-        z = torch.linspace(1e-4, max(5.0, value + 3.5), 600)[:, None]          # [G, 1]
-        p_density, q_density = (d.log_prob(z).exp()[:, 0] for d in (p, q))
-        lost = torch.trapezoid((p_density - q_density).clamp(min=0), z[:, 0])
-        kl = kl_divergence(q, p).item()
-        axes.plot(z[:, 0], p_density, color="black", label="exact p(z|x)")
-        axes.plot(z[:, 0], q_density, color="tab:red", label="q(z|x)")
-        axes.fill_between(z[:, 0], q_density, p_density, where=p_density > q_density,
-                          color="grey", alpha=0.35, label=f"mass q misses ({lost:.2f})")
-        axes.set_title(f"x = {value:g}: KL(q||p) = {kl:.3f}")
-        axes.set_xlabel("z")
-        axes.legend(fontsize="small")
-    figure.suptitle(f"{experiment.entry.name}: {experiment.config['guide']} guide against the "
-                    f"exact posterior")
-    return plots.save_figure(figure, path)

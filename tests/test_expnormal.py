@@ -18,9 +18,10 @@ from torch.distributions import kl_divergence
 from zoo.data import Data
 from zoo.diagnostics import DiagnosticSettings, diagnose, importance_diagnostics
 from zoo.errors import ZooError
-from zoo.guides.expnormal import FIT_X, LogNormalGuide, NormalGuide, plot_fits
+from zoo.guides.expnormal import LogNormalGuide, NormalGuide
 from zoo.models.expnormal import ExpNormal, TruncatedNormal, marginal_log_prob, posterior
 from zoo.objectives import log_weights, make_objective
+from zoo.plots import EXPNORMAL_FIT_X, plot_expnormal_fits
 from zoo.registry import build, get_model
 from zoo.train import TrainSettings, fit, seed_everything
 
@@ -130,7 +131,7 @@ def fitted(Guide, x):
 
 def test_reverse_kl_fits_the_exact_family_and_loses_mass_with_the_lognormal():
     x = simulate(2000, torch.Generator().manual_seed(1))
-    model, points = ExpNormal(), torch.tensor([FIT_X]).T                       # [4, 1]
+    model, points = ExpNormal(), torch.tensor([EXPNORMAL_FIT_X]).T                       # [4, 1]
     settings = DiagnosticSettings(local_steps=300, sbc_simulations=500)
     normal = diagnose(model, fitted(NormalGuide, x), points, settings=settings)
     assert normal.summary["posterior_kl"] < 0.01 and normal.summary["sbc_pvalue"] > 0.01
@@ -156,7 +157,7 @@ def test_registry_entry_builds_and_plots(tmp_path):
                                  config={"guide": "normal"})
     with torch.no_grad():
         path = entry.plots["posterior-fit"](experiment, tmp_path / "fit.png")
-    assert path.is_file() and plot_fits is entry.plots["posterior-fit"]
+    assert path.is_file() and plot_expnormal_fits is entry.plots["posterior-fit"]
 
 
 def test_bad_data():

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from zoo import generation, mixture_plots
+from zoo import generation, mixture_plots, plots
 from zoo.data import Data
 from zoo.errors import ZooError
 from zoo.guides import cvae as cvae_guides
@@ -121,7 +121,7 @@ MODELS: dict[str, ModelEntry] = {
             default_data="synthetic-expnormal",
             train={"steps": 3000, "batch_size": 256, "lr": 0.01, "lr_schedule": "cosine"},
             demo={"steps": 1500},
-            plots={"posterior-fit": expnormal_guides.plot_fits},
+            plots={"posterior-fit": plots.plot_expnormal_fits},
             figures=("posterior-fit",),
         ),
         ModelEntry(
