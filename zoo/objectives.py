@@ -46,6 +46,7 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import pyro
 import torch
@@ -79,40 +80,50 @@ class Draws:
     """K draws per data point from the guide, scored by model and guide; each term ``[K, N]``.
 
     ``log_likelihood`` sums the model's observed sites (log p(x | z)), ``log_prior`` its latent
-    sites (log p(z)), ``log_q`` the guide's sites (log q(z | x)). ``model_trace`` and
-    ``guide_trace`` are the Pyro traces; ``routes`` the views of the draws the model was replayed
-    on, when gradients are to be routed.
+    sites (log p(z)), ``log_q`` the guide's sites (log q(z | x)). Each is computed when first
+    asked for, so an objective pays only for the densities it uses (the ELBO with a closed-form
+    KL never evaluates log p(z) or log q(z | x) at the draws). ``model_trace`` and
+    ``guide_trace`` are the Pyro traces, ``q_trace`` the trace that scores log q (the guide's, or
+    its replay with the parameters detached); ``routes`` the views of the draws the model was
+    replayed on, when gradients are to be routed.
     """
 
-    log_likelihood: Tensor
-    log_prior: Tensor
-    log_q: Tensor
     model_trace: poutine.Trace
     guide_trace: poutine.Trace
+    q_trace: poutine.Trace
+    shape: tuple[int, int]
     routes: list[tuple[Tensor, int]] = field(default_factory=list)
+
+    @cached_property
+    def log_likelihood(self) -> Tensor:
+        return _per_point(self.model_trace, True, self.shape)
+
+    @cached_property
+    def log_prior(self) -> Tensor:
+        return _per_point(self.model_trace, False, self.shape)
+
+    @cached_property
+    def log_q(self) -> Tensor:
+        return _per_point(self.q_trace, None, self.shape)
 
     def log_weights(self, kl_weight: float = 1.0) -> Tensor:
         """log p(x | z) + kl_weight (log p(z) - log q(z | x)): the log weights at weight 1."""
         return self.log_likelihood + kl_weight * (self.log_prior - self.log_q)
 
 
-def _latent_sites(trace: poutine.Trace) -> list[tuple[str, dict]]:
+def _sample_sites(trace: poutine.Trace) -> list[tuple[str, dict]]:
     return [(name, site) for name, site in trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"]
-            and not site_is_subsample(site)]
+            if site["type"] == "sample" and not site_is_subsample(site)]
 
 
-def _per_point(trace: poutine.Trace, observed: bool | None, shape: tuple[int, int]) -> Tensor:
-    """Sum of the log densities of a trace's sample sites, kept per particle and data point
-    (``[K, N]``); ``observed`` picks observed or latent sites (None: all).
+def _latent_sites(trace: poutine.Trace) -> list[tuple[str, dict]]:
+    return [(name, site) for name, site in _sample_sites(trace) if not site["is_observed"]]
 
-    Every sample site must sit inside the data plate: a global latent variable has no
-    per-data-point weight.
-    """
-    total = torch.zeros(shape)
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
+
+def _check_plates(trace: poutine.Trace) -> None:
+    """Every sample site must sit inside the data plate (and no other but the particles'): a
+    global latent variable has no per-data-point weight."""
+    for name, site in _sample_sites(trace):
         plates = {frame.name for frame in site["cond_indep_stack"]}
         if DATA_PLATE not in plates or plates - {DATA_PLATE, PARTICLE_PLATE}:
             raise ZooError(
@@ -120,7 +131,19 @@ def _per_point(trace: poutine.Trace, observed: bool | None, shape: tuple[int, in
                 f"'{DATA_PLATE}' plate; site '{name}' is in plates {sorted(plates)}. Models with "
                 f"global latent variables are trained with --loss enum or tracegraph instead."
             )
-        if observed is None or site["is_observed"] == observed:
+
+
+def _per_point(trace: poutine.Trace, observed: bool | None, shape: tuple[int, int]) -> Tensor:
+    """Sum of the log densities of a trace's sample sites, kept per particle and data point
+    (``[K, N]``); ``observed`` picks observed or latent sites (None: all)."""
+    def wanted(name: str, site: dict) -> bool:
+        return not site_is_subsample(site) and (observed is None
+                                                or site["is_observed"] == observed)
+
+    trace.compute_log_prob(wanted)
+    total = torch.zeros(shape)
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and wanted(name, site):
             total = total.to(site["log_prob"]) + site["log_prob"]
     return total
 
@@ -144,14 +167,13 @@ def draw(model: Callable, guide: Callable, *args: Tensor, num_particles: int = 1
                  else contextlib.nullcontext())
     with particles:
         guide_trace = poutine.trace(guide).get_trace(*args)
+        _check_plates(guide_trace)
         _check_reparameterized(guide_trace)
         if stop_guide_gradients:
             stopped = poutine.replay(_with_parameters_detached(guide), trace=guide_trace)
             q_trace = poutine.trace(stopped).get_trace(*args)
         else:
             q_trace = guide_trace
-        q_trace.compute_log_prob()
-        log_q = _per_point(q_trace, None, shape)
         routes = []
         if route:
             guide_trace = guide_trace.copy()
@@ -160,10 +182,9 @@ def draw(model: Callable, guide: Callable, *args: Tensor, num_particles: int = 1
                 site["value"] = site["value"].view_as(site["value"])
                 routes.append((site["value"], site["fn"].event_dim))
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
-    model_trace.compute_log_prob()
-    return Draws(log_likelihood=_per_point(model_trace, True, shape),
-                 log_prior=_per_point(model_trace, False, shape),
-                 log_q=log_q, model_trace=model_trace, guide_trace=guide_trace, routes=routes)
+    _check_plates(model_trace)
+    return Draws(model_trace=model_trace, guide_trace=guide_trace, q_trace=q_trace,
+                 shape=shape, routes=routes)
 
 
 class _DetachParams(Messenger):
@@ -230,7 +251,7 @@ def _closed_form_kl(q: Distribution, p: Distribution) -> Tensor | None:
 def latent_kl(draws: Draws) -> Tensor | None:
     """sum over latent sites of KL(q(z | x) || p(z)) in closed form, ``[K, N]`` (the same for
     every particle), or None when a site has no closed form or no prior of its own."""
-    total = torch.zeros_like(draws.log_q)
+    total = torch.zeros(draws.shape)
     for name, guide_site in _latent_sites(draws.guide_trace):
         model_site = draws.model_trace.nodes.get(name)
         if model_site is None:
@@ -238,7 +259,7 @@ def latent_kl(draws: Draws) -> Tensor | None:
         kl = _closed_form_kl(guide_site["fn"], model_site["fn"])
         if kl is None:
             return None
-        total = total + kl
+        total = total.to(kl) + kl
     return total
 
 
@@ -256,7 +277,7 @@ def free_bits_kl(draws: Draws, free_bits: float) -> Tensor:
                 f"site '{name}' has guide {type(q).__name__} and prior {type(p).__name__}. "
                 f"Use a mean-field guide or drop --free-bits")
         kl = kl_divergence(q.base_dist, p.base_dist)  # [(K,) N, M], equal over particles
-        kl = kl.reshape(*draws.log_q.shape, -1)  # [K, N, M]
+        kl = kl.reshape(*draws.shape, -1)  # [K, N, M]
         per_dimension = kl.mean(0).mean(0)
         total = total + kl.shape[1] * per_dimension.clamp(min=free_bits).sum()
     return total
