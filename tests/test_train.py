@@ -95,6 +95,43 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(
     assert not list(run_dir.glob("*.tmp"))
 
 
+class _NonFiniteGradientAt:
+    """An objective whose loss stays finite but whose gradient is nan at call ``bad_step``."""
+
+    def __init__(self, objective, bad_step):
+        self.objective, self.bad_step, self.calls = objective, bad_step, 0
+
+    def differentiable_loss(self, model, guide, *args):
+        self.calls += 1
+        loss = self.objective.differentiable_loss(model, guide, *args)
+        if self.calls != self.bad_step:
+            return loss
+        zero = 0 * sum(parameter.sum() for parameter in model.parameters())
+        return loss + 0 * zero.sqrt()  # value + 0; gradient 0 * inf = nan
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+@pytest.mark.parametrize("where", ["mid-epoch", "last step of an epoch"])
+def test_non_finite_gradient_stops_training_and_keeps_a_finite_checkpoint(
+        small_ppca_config, tmp_path, where):
+    """A nan gradient under a finite loss turns the parameters into nan: the next loss stops
+    training, or, after an epoch's last step, the check before its checkpoint does."""
+    experiment = build_experiment(small_ppca_config, quiet=True)
+    run_dir = runs.create_run_dir(tmp_path / "run")
+    steps_per_epoch = -(-experiment.data.num_train // 100)
+    bad = 2 * steps_per_epoch + (3 if where == "mid-epoch" else 0)
+    message = (rf"loss is not finite at epoch 3, step 4 \(step {bad + 1} overall\)"
+               if where == "mid-epoch" else rf"parameters are not finite after step {bad} "
+                                            rf"\(the end of epoch 2\)")
+    with pytest.raises(TrainingDiverged, match=message):
+        fit(experiment.model, experiment.guide, _NonFiniteGradientAt(experiment.objective, bad),
+            experiment.train_inputs, settings=experiment.settings, run_dir=run_dir)
+    checkpoint = runs.load_checkpoint(run_dir)
+    assert checkpoint["epoch"] == (2 if where == "mid-epoch" else 1)
+    for part in ("model", "guide"):
+        assert all(torch.isfinite(value).all() for value in checkpoint[part].values())
+
+
 def test_checkpoint_loads_with_weights_only(small_ppca_config, tmp_path):
     run_dir = train_run(small_ppca_config, tmp_path / "run", quiet=True)
     checkpoint = torch.load(run_dir / runs.CHECKPOINT, weights_only=True)

@@ -13,7 +13,11 @@ the uninterrupted run ends (the checkpoint holds the optimizer and all random-nu
 Pyro's and torch's argument checks (supports, shapes, parameter constraints) run on the first
 step of each call to :func:`fit`, where a mismatch between model and data shows up, and are
 switched off for the steps after it, where they would only cost time (about 15% of a step of a
-small VAE); non-finite losses and gradients are still caught at every step.
+small VAE). A non-finite loss stops training at the step where it appears. A non-finite gradient
+with a finite loss makes the parameters non-finite, hence the next step's loss: it is caught
+one step later, and at the latest by a check of the parameters before each checkpoint, so a
+checkpoint on disk always holds finite parameters. (Checking the gradients themselves at every
+step would cost a pass over all of them, about 4% of a step of the MNIST VAE.)
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 import pyro
 import torch
 from pyro.distributions import is_validation_enabled
-from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
 from zoo.errors import ZooError
@@ -43,6 +47,14 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
+def make_optimizer(name: str, parameters: list[torch.nn.Parameter], lr: float
+                   ) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``parameters``, with torch's fused kernel: one pass over all
+    parameters per step instead of a few small operations per tensor, the same update up to
+    rounding (at batch 20 on an MNIST VAE it saves about a quarter of a CPU training step)."""
+    return OPTIMIZERS[name](parameters, lr=lr, fused=True)
+
+
 LR_SCHEDULES: dict[str, Callable[[float], float]] = {
     "constant": lambda progress: 1.0,
     "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
@@ -52,6 +64,12 @@ LR_SCHEDULES: dict[str, Callable[[float], float]] = {
 
 class TrainingDiverged(ZooError):
     """The loss or its gradient stopped being finite; the last good checkpoint stays on disk."""
+
+
+def _diverged(what: str, run_dir: Path | None, epoch: int) -> TrainingDiverged:
+    kept = (f"the last good checkpoint (epoch {epoch - 1}) stays in {run_dir / CHECKPOINT}"
+            if run_dir is not None and epoch > 1 else "no checkpoint was written")
+    return TrainingDiverged(f"training stopped: {what}; {kept}. Lower --lr or set --clip-norm.")
 
 
 @dataclass
@@ -177,7 +195,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
     test = None if test is None else tuple(tensor.to(device) for tensor in test)
     model.requires_grad_(not settings.freeze_model)
     parameters = [*guide.parameters()] + ([] if settings.freeze_model else [*model.parameters()])
-    optimizer = OPTIMIZERS[settings.optimizer](parameters, lr=settings.lr)
+    optimizer = make_optimizer(settings.optimizer, parameters, settings.lr)
 
     num_train = train[0].shape[0]
     batch_size = min(settings.batch_size, num_train)
@@ -219,19 +237,12 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
                     loss = objective.differentiable_loss(model, guide, *batch) / size
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grads = [p.grad for p in parameters if p.grad is not None]
-                grad_norm = get_total_norm(grads)
-                if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
-                    what = "loss" if not torch.isfinite(loss) else "gradient"
-                    kept = (f"the last good checkpoint (epoch {epoch - 1}) stays in "
-                            f"{run_dir / CHECKPOINT}" if run_dir is not None and epoch > 1
-                            else "no checkpoint was written")
-                    raise TrainingDiverged(
-                        f"training stopped: the {what} is not finite at epoch {epoch}, step "
-                        f"{begin // batch_size + 1} (step {step + 1} overall); {kept}. "
-                        f"Lower --lr or set --clip-norm.")
+                if not bool(torch.isfinite(loss)):
+                    raise _diverged(f"the loss is not finite at epoch {epoch}, step "
+                                    f"{begin // batch_size + 1} (step {step + 1} overall)",
+                                    run_dir, epoch)
                 if settings.clip_norm is not None:
-                    clip_grads_with_norm_(parameters, settings.clip_norm, grad_norm)
+                    clip_grad_norm_(parameters, settings.clip_norm)
                 for group in optimizer.param_groups:
                     group["lr"] = settings.lr * schedule(step / total_steps)
                 optimizer.step()
@@ -240,6 +251,9 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
                 seen += size
                 bar.update()
             seconds = time.perf_counter() - started
+            if not all(bool(torch.isfinite(parameter).all()) for parameter in parameters):
+                raise _diverged(f"the parameters are not finite after step {step} (the end of "
+                                f"epoch {epoch}): a gradient was not finite", run_dir, epoch)
             row = {"epoch": epoch, "step": step, "train_loss": loss_sum.item() / seen,
                    "test_loss": None if test is None else average_loss(
                        objective, model, guide, test, seed=settings.seed + epoch),
