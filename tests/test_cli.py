@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from zoo.cli import main
 
@@ -157,6 +158,23 @@ def test_evaluate_one_split(tmp_path, capsys):
     assert main(["train", "ppca", "--test-fraction", "0", "--out", str(none), *TINY]) == 0
     capsys.readouterr()
     _fails_with(capsys, ["evaluate", str(none), "--split", "test"], "has no test split")
+
+
+def test_evaluate_on_a_device(tmp_path, capsys):
+    """``--device auto`` evaluates where training can run; ``cuda`` without a GPU is refused."""
+    run = tmp_path / "run"
+    assert main(["train", "ppca", "--out", str(run), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--particles", "10", "--json"]) == 0
+    on_cpu = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(run), "--particles", "10", "--json", "--device", "auto"]) == 0
+    anywhere = json.loads(capsys.readouterr().out)
+    if not torch.cuda.is_available():
+        assert anywhere == on_cpu
+        _fails_with(capsys, ["evaluate", str(run), "--device", "cuda"], "sees no CUDA GPU")
+    else:  # other random streams on the GPU: the same estimates up to Monte-Carlo error
+        for split in on_cpu:
+            assert abs(anywhere[split]["log_likelihood"] - on_cpu[split]["log_likelihood"]) < 0.05
 
 
 @pytest.mark.parametrize("model, figures", [

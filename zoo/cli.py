@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=["train", "test", "both"], default="both",
                           help="which split to evaluate (default both; on MNIST the test split "
                                "alone is six times cheaper)")
+    evaluate.add_argument("--device", default="cpu",
+                          help="cpu (default), cuda or auto: where to evaluate")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     sample = commands.add_parser("sample", help="draw new data from a trained generative model")
     sample.add_argument("run", metavar="RUN", help="run folder")
@@ -165,7 +167,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from zoo.experiment import evaluate_run
 
     splits = ("train", "test") if args.split == "both" else (args.split,)
-    result = evaluate_run(args.run, num_samples=args.particles, splits=splits)
+    result = evaluate_run(args.run, num_samples=args.particles, splits=splits,
+                          device=args.device)
     if not result:
         raise ZooError(f"run {args.run} has no {args.split} split to evaluate")
     if args.json:

@@ -27,7 +27,7 @@ from zoo.errors import ZooError
 from zoo.evaluate import evaluate
 from zoo.objectives import make_objective
 from zoo.registry import ModelEntry, build, get_model
-from zoo.train import TrainSettings, fit, seed_everything
+from zoo.train import TrainSettings, fit, resolve_device, seed_everything
 
 
 def make_config(model: str, *, guide: str | None = None, options: dict[str, Any] | None = None,
@@ -207,22 +207,26 @@ def load_run(run_dir: str | os.PathLike) -> Experiment:
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, num_samples: int = 1000,
-                 splits: tuple[str, ...] = ("train", "test")) -> dict[str, Any]:
+                 splits: tuple[str, ...] = ("train", "test"), device: str = "cpu"
+                 ) -> dict[str, Any]:
     """Per-data-point metrics of a trained run, ``{"train": {...}, "test": {...}}`` (``test``
-    only when the run has a test split; ``splits`` picks which), computed with a fixed seed."""
+    only when the run has a test split; ``splits`` picks which), computed with a fixed seed on
+    ``device`` (``cpu``, ``cuda`` or ``auto``)."""
     if num_samples < 1:
         raise ZooError(f"--particles must be at least 1; got {num_samples}")
     if not splits or set(splits) - {"train", "test"}:
         raise ZooError(f"splits must be train and/or test; got {', '.join(splits) or 'none'}")
+    where = resolve_device(device)
     experiment = load_run(run_dir)
     seed_everything(experiment.settings.seed)
-    experiment.model.eval(), experiment.guide.eval()
+    model, guide = experiment.model.to(where).eval(), experiment.guide.to(where).eval()
     result = {}
     for split in splits:
         inputs = experiment.inputs(split)
         if inputs is not None:
-            result[split] = evaluate(experiment.model, experiment.guide, *inputs,
-                                     num_samples=num_samples, train_x=experiment.data.x_train)
+            result[split] = evaluate(model, guide, *(tensor.to(where) for tensor in inputs),
+                                     num_samples=num_samples,
+                                     train_x=experiment.data.x_train.to(where))
     return result
 
 
