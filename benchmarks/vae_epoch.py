@@ -10,7 +10,8 @@ with the KL in closed form, the default batch size (20) and Adam with learning r
   (``pyro.enable_validation(False)``, ``validate_poutine=False``), to show what validation
   costs.
 - ``plain``: the floor, a VAE written here in plain PyTorch with the same network, loss, batch
-  size, optimizer and binarization, and no checks.
+  size, binarization and optimizer (the engine's, :func:`zoo.train.make_optimizer`: Adam with
+  torch's fused kernel), and no checks.
 
 The three alternate epoch by epoch (zoo, plain, zoo-no-validation, then the reverse order),
 so a change in the machine's load hits all of them alike; zoo continues from its checkpoint
@@ -42,10 +43,8 @@ import json
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -54,6 +53,7 @@ from typing import Any
 
 import pyro
 import torch
+from memory import PeakMemory
 from torch import Tensor, nn
 from torch.nn.functional import binary_cross_entropy_with_logits, softplus
 
@@ -64,7 +64,7 @@ from zoo.guides.vae import MeanFieldGuide as VAEGuide
 from zoo.models.vae import VAE
 from zoo.objectives import ELBO
 from zoo.registry import build, get_model
-from zoo.train import TrainSettings, average_loss, fit
+from zoo.train import TrainSettings, average_loss, fit, make_optimizer
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -193,7 +193,7 @@ def compare(data: Data, args: argparse.Namespace, device: torch.device,
     pyro.set_rng_seed(args.seed)
     latent_dim = sides["zoo"]["model"].latent_dim
     plain = PlainVAE(data.data_dim, latent_dim, (200, 200), data.x_train.mean(0)).to(device)
-    plain_optimizer = torch.optim.Adam(plain.parameters(), lr=args.lr)
+    plain_optimizer = make_optimizer("adam", [*plain.parameters()], args.lr)
     sides["plain"] = {"seconds": []}
 
     def zoo_epoch(side: dict[str, Any], epoch: int) -> Callable[[], Any]:
@@ -248,16 +248,6 @@ def tutorial(data: Data, args: argparse.Namespace, device: torch.device) -> dict
 
 # --- peak memory, one fresh process per configuration -----------------------------------------
 
-def _rss_mib() -> float:
-    """The resident memory of this process now (Linux), else its peak so far."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):
-        scale = 1 if platform.system() == "Darwin" else 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-
-
 def _train_steps(name: str, data: Data, args: argparse.Namespace, device: torch.device,
                  steps: int) -> None:
     """Train configuration ``name`` from scratch for ``steps`` steps."""
@@ -265,7 +255,7 @@ def _train_steps(name: str, data: Data, args: argparse.Namespace, device: torch.
     x = data.x_train.to(device)
     if name == "plain":
         vae = PlainVAE(data.data_dim, 50, (200, 200), data.x_train.mean(0)).to(device)
-        plain_epoch(vae, torch.optim.Adam(vae.parameters(), lr=args.lr), x, args.batch_size,
+        plain_epoch(vae, make_optimizer("adam", [*vae.parameters()], args.lr), x, args.batch_size,
                     max_steps=steps)
         return
     set_validation(name != "zoo-no-validation")
@@ -286,25 +276,9 @@ def _memory_child(name: str, args: argparse.Namespace, queue) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     data = load_data("mnist", data_dir=str(Path(args.data_dir).expanduser()))
-    before = peak = _rss_mib()
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.wait(0.01):
-            peak = max(peak, _rss_mib())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    _train_steps(name, data, args, device, MEMORY_STEPS)
-    stop.set()
-    sampler.join()
-    peak = max(peak, _rss_mib())
-    queue.put({"peak_rss_mib": peak, "training_added_mib": peak - before,
-               "peak_cuda_mib": (torch.cuda.max_memory_allocated() / 2**20
-                                 if device.type == "cuda" else None)})
+    with PeakMemory(device) as memory:
+        _train_steps(name, data, args, device, MEMORY_STEPS)
+    queue.put(memory.result())
 
 
 def peak_memory(name: str, args: argparse.Namespace) -> dict[str, float | None]:
