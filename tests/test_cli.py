@@ -148,6 +148,38 @@ def test_invalid_objectives_are_refused_before_training(tmp_path, capsys, flags,
     assert not run.exists()
 
 
+def test_freezing_a_model_whose_guide_has_no_parameters_is_refused(tmp_path, capsys):
+    """The GMM's enumerate guide has no parameters: --freeze-model would leave nothing to
+    train, which is refused before a run folder is written."""
+    run = tmp_path / "run"
+    _fails_with(capsys, ["train", "gmm", "--freeze-model", "--out", str(run), *TINY],
+                "nothing to train")
+    assert not run.exists()
+
+
+def test_plot_draws_the_models_first_kind_by_default(tmp_path, capsys):
+    gmm, ppca = tmp_path / "gmm", tmp_path / "ppca"
+    assert main(["train", "gmm", "--restarts", "1", "--out", str(gmm), *TINY]) == 0
+    (gmm / "figures" / "components.png").unlink()
+    capsys.readouterr()
+    assert main(["plot", str(gmm)]) == 0
+    assert capsys.readouterr().out.strip() == str(gmm / "figures" / "components.png")
+    assert (gmm / "figures" / "components.png").stat().st_size > 2000
+    assert main(["train", "ppca", "--out", str(ppca), *TINY]) == 0
+    _fails_with(capsys, ["plot", str(ppca)], "has no figures for zoo plot")
+
+
+def test_evaluate_a_vae_reports_its_bound_likelihood_and_active_units(tmp_path, capsys):
+    run = tmp_path / "vae"
+    assert main(["train", "vae", "--epochs", "5", "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--particles", "200", "--split", "test", "--json"]) == 0
+    test = json.loads(capsys.readouterr().out)["test"]
+    assert {"elbo", "log_likelihood", "ess", "active_units"} <= set(test)
+    assert test["log_likelihood"] > test["elbo"]  # L_200 above L_1 by far more than MC error
+    assert 1 <= test["active_units"] <= 8 and 1 <= test["ess"] <= 200
+
+
 def test_evaluate_one_split(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "ppca", "--out", str(run), *TINY]) == 0

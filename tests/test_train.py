@@ -197,3 +197,24 @@ def test_engine_reports_progress_for_annealing_and_can_freeze_the_model(small_pp
     _assert_bitwise_equal(before, experiment.model.state_dict())
     assert not torch.equal(guide_before, experiment.guide.encoder.weight)
     assert all(p.requires_grad for p in experiment.model.parameters())
+
+
+def test_binary_models_see_fresh_training_draws_and_one_fixed_test_binarization():
+    """Dynamic binarization (Burda et al. 2015): each epoch's training images are a new
+    Bernoulli draw from the grey levels; evaluation sees one seeded draw, the same each time."""
+    from zoo.experiment import make_config
+
+    experiment = build_experiment(make_config("vae", data={"name": "digits"}), quiet=True)
+    grey = experiment.train_inputs[0]
+    assert not set(grey.unique().tolist()) <= {0.0, 1.0}
+    first, second = (experiment.train_transform(experiment.train_inputs)[0] for _ in range(2))
+    assert set(first.unique().tolist()) == {0.0, 1.0}
+    assert not torch.equal(first, second)
+    # each pixel is a Bernoulli(grey) draw: the mean over 2 draws of all pixels is within
+    # 5 standard errors of the mean grey level
+    pixels = torch.stack([first, second])
+    standard_error = (grey * (1 - grey)).sum().sqrt() / grey.numel() / 2**0.5
+    assert abs(pixels.mean() - grey.mean()) < 5 * standard_error
+    test_once, test_again = experiment.inputs("test")[0], experiment.inputs("test")[0]
+    assert set(test_once.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(test_once, test_again)

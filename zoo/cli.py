@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default RUN/figures/samples.png)")
     plot = commands.add_parser("plot", help="draw one figure of a trained run")
     plot.add_argument("run", metavar="RUN", help="run folder")
-    plot.add_argument("--kind", required=True, help="which figure (the model's kinds are "
-                                                    "listed when the kind is unknown)")
+    plot.add_argument("--kind", help="which figure (default: the model's first kind; the "
+                                     "kinds are listed when the kind is unknown)")
     plot.add_argument("--out", metavar="FILE", help="image file (default RUN/figures/KIND.png)")
     diagnose = commands.add_parser(
         "diagnose", help="approximate against exact posteriors: KL, PSIS, calibration, gaps")

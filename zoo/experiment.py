@@ -27,7 +27,13 @@ from zoo.errors import ZooError
 from zoo.evaluate import evaluate
 from zoo.objectives import make_objective
 from zoo.registry import ModelEntry, build, get_model
-from zoo.train import TrainSettings, fit, resolve_device, seed_everything
+from zoo.train import (
+    TrainSettings,
+    fit,
+    resolve_device,
+    seed_everything,
+    trainable_parameters,
+)
 
 
 def make_config(model: str, *, guide: str | None = None, options: dict[str, Any] | None = None,
@@ -121,6 +127,7 @@ def build_experiment(config: dict[str, Any], *, quiet: bool = False) -> Experime
     model, guide = build(entry, config["guide"], data, config["options"])
     objective = make_objective(**config["objective"])
     _check_objective(objective, model, guide, entry.inputs(data, "train"))
+    trainable_parameters(model, guide, settings.freeze_model)
     return Experiment(config, entry, data, model, guide, objective, settings)
 
 
@@ -230,13 +237,17 @@ def evaluate_run(run_dir: str | os.PathLike, *, num_samples: int = 1000,
     return result
 
 
-def plot_run(run_dir: str | os.PathLike, kind: str, out: str | os.PathLike | None = None
-             ) -> Path:
-    """Draw the figure ``kind`` of a trained run (the model's ``plots`` list the kinds) into
-    ``out`` (default ``RUN/figures/<kind>.png``); return its path."""
+def plot_run(run_dir: str | os.PathLike, kind: str | None = None,
+             out: str | os.PathLike | None = None) -> Path:
+    """Draw the figure ``kind`` of a trained run (the model's ``plots`` list the kinds; None:
+    the first) into ``out`` (default ``RUN/figures/<kind>.png``); return its path."""
     experiment = load_run(run_dir)
+    if not experiment.entry.plots:
+        raise ZooError(f"model {experiment.entry.name} has no figures for zoo plot; those of "
+                       f"its training run are in {Path(run_dir) / runs.FIGURES}")
+    kind = kind or next(iter(experiment.entry.plots))
     if kind not in experiment.entry.plots:
-        kinds = ", ".join(experiment.entry.plots) or "none"
+        kinds = ", ".join(experiment.entry.plots)
         raise ZooError(f"unknown plot kind '{kind}' for model {experiment.entry.name}; "
                        f"choose one of: {kinds}")
     seed_everything(experiment.settings.seed)

@@ -153,6 +153,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def trainable_parameters(model: torch.nn.Module, guide: torch.nn.Module, freeze_model: bool
+                         ) -> list[torch.nn.Parameter]:
+    """The parameters training moves: the guide's, and the model's unless ``freeze_model``."""
+    parameters = [*guide.parameters()] + ([] if freeze_model else [*model.parameters()])
+    if not parameters:
+        raise ZooError("--freeze-model holds the model fixed, and this guide has no parameters "
+                       "of its own: there is nothing to train. Drop --freeze-model or choose a "
+                       "guide with parameters" if freeze_model else
+                       "neither the model nor the guide has parameters: there is nothing to train")
+    return parameters
+
+
 @torch.no_grad()
 def average_loss(objective, model, guide, data: Sequence[torch.Tensor], *, seed: int,
                  chunk_size: int = 4096) -> float:
@@ -193,8 +205,8 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
     model.to(device), guide.to(device)
     train = tuple(tensor.to(device) for tensor in train)
     test = None if test is None else tuple(tensor.to(device) for tensor in test)
+    parameters = trainable_parameters(model, guide, settings.freeze_model)
     model.requires_grad_(not settings.freeze_model)
-    parameters = [*guide.parameters()] + ([] if settings.freeze_model else [*model.parameters()])
     optimizer = make_optimizer(settings.optimizer, parameters, settings.lr)
 
     num_train = train[0].shape[0]
