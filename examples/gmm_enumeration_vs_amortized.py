@@ -4,10 +4,11 @@ A Gaussian mixture's assignments z_n are discrete, so there are two ways to trai
 sum z out exactly (Pyro's ``TraceEnum_ELBO`` with z marked for enumeration: the loss is then
 -log p(x) and the mixture's parameters are maximum-likelihood point estimates), or learn an
 amortized guide q(z | x) = Categorical(encoder(x)). The amortized guide can be trained with the
-ELBO's exact expectation over its K values (enumerating q) or, as one would for a latent
-variable too large to enumerate, with one draw of z per row and the score-function gradient
-(``TraceGraph_ELBO`` with the guide's learned baseline). This example runs all three SVI fits
-with the registry's default settings, and scikit-learn's EM (``GaussianMixture``, best of ten
+ELBO's exact expectation over its K values (enumerating q: ``--loss enum``) or, as one would
+for a latent variable too large to enumerate, with one draw of z per row and the score-function
+gradient (``TraceGraph_ELBO`` with the guide's learned baseline: ``--loss tracegraph``, the
+registry's default for this guide). This example runs all three SVI fits (``ROUTES``) with the
+registry's default settings, and scikit-learn's EM (``GaussianMixture``, best of ten
 k-means initializations) on the same training rows, and reports:
 
 - the exact log-likelihood per data point (train and test) of each fit and its gap to EM, the
@@ -34,13 +35,11 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from matplotlib.figure import Figure
-from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO
 from scipy.optimize import linear_sum_assignment
 from sklearn.mixture import GaussianMixture
 
@@ -48,13 +47,14 @@ from zoo import mixture_plots, plots
 from zoo.data import load_data
 from zoo.experiment import Experiment, build_experiment, make_config
 from zoo.guides.gmm import EnumerateGuide
+from zoo.objectives import make_objective
 from zoo.registry import get_model
 from zoo.train import fit, seed_everything
 
-ROUTES = {  # route -> (guide, objective), the objective None for the registry's default
-    "enumerate": ("enumerate", None),
-    "amortized": ("amortized", None),
-    "score_function": ("amortized", "score_function"),
+ROUTES = {  # route -> (guide, objective): z summed out; q(z | x) exact ELBO; q by one draw
+    "enumerate": ("enumerate", "enum"),
+    "amortized": ("amortized", "enum"),
+    "score_function": ("amortized", "tracegraph"),
 }
 LABELS = {"em": "EM (sklearn)", "enumerate": "SVI enumerate", "amortized": "SVI amortized",
           "score_function": "SVI score-fn"}
@@ -87,36 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class ScoreFunctionELBO(TraceGraph_ELBO):
-    """Pyro's ``TraceGraph_ELBO`` with the ``differentiable_loss`` that :func:`zoo.train.fit`
-    calls (Pyro 1.9 gives it only ``loss`` and ``loss_and_grads``): the value is the ELBO
-    estimate of the draws, the gradient that of the score-function surrogate, with the guide's
-    baseline and the baseline's regression loss. Its one warning, that the guide's site is
-    marked for enumeration but will be sampled, is expected and silenced."""
-
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="(?s).*enumerate sites")
-            elbo, surrogate = self._loss_and_surrogate_loss(model, guide, args, kwargs)
-        return -elbo.detach() + surrogate - surrogate.detach()
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
-        return loss.item()
-
-
-def _objective(name: str | None, experiment: Experiment):
-    return experiment.objective if name is None else ScoreFunctionELBO(max_plate_nesting=1)
-
-
-def _config(args: argparse.Namespace, guide: str) -> dict[str, Any]:
+def _config(args: argparse.Namespace, route: str) -> dict[str, Any]:
+    guide, objective = ROUTES[route]
     return make_config(
         "gmm", guide=guide,
         options={"components": args.components, "covariance": args.covariance,
                  "restarts": args.restarts},
         data={"name": None if args.data else args.dataset, "file": args.data,
               "standardize": args.standardize},
+        objective={"name": objective},
         train={"steps": args.steps, "seed": args.seed})
 
 
@@ -142,10 +121,10 @@ def run_em(x_train: torch.Tensor, x_test: torch.Tensor | None, args: argparse.Na
 
 def run_route(route: str, args: argparse.Namespace, em_log_likelihood: float
               ) -> tuple[dict[str, Any], Experiment]:
-    """Build (with the restarts) and train one SVI fit; record its curve per epoch."""
-    guide_name, objective_name = ROUTES[route]
+    """Build (with the restarts) and train one SVI fit with the route's guide and objective;
+    record its curve per epoch."""
     started = time.perf_counter()
-    experiment = build_experiment(_config(args, guide_name), quiet=args.quiet)
+    experiment = build_experiment(_config(args, route), quiet=args.quiet)
     init_seconds = time.perf_counter() - started
     model, guide, x = experiment.model, experiment.guide, experiment.data.x_train
     curve = [{"step": 0, "seconds": init_seconds, "elbo": None,
@@ -157,7 +136,7 @@ def run_route(route: str, args: argparse.Namespace, em_log_likelihood: float
         curve.append({"step": row["step"], "seconds": curve[-1]["seconds"] + row["seconds"],
                       "elbo": -row["train_loss"], "exact": exact})
 
-    fit(model, guide, _objective(objective_name, experiment), experiment.train_inputs,
+    fit(model, guide, experiment.objective, experiment.train_inputs,
         settings=experiment.settings, on_epoch=record)
     within = [row["exact"] >= em_log_likelihood - TOLERANCE for row in curve]
     settled = next((i for i in range(len(curve)) if all(within[i:])), None)
@@ -166,6 +145,7 @@ def run_route(route: str, args: argparse.Namespace, em_log_likelihood: float
         test = None if experiment.data.x_test is None else model.metrics(guide,
                                                                          experiment.data.x_test)
     return {
+        "objective": experiment.config["objective"]["name"],
         "log_likelihood_train": train["log_likelihood"],
         "log_likelihood_test": None if test is None else test["log_likelihood"],
         "elbo_train": train["elbo"], "responsibility_kl": train.get("responsibility_kl"),
@@ -182,17 +162,17 @@ def gradient_variance(experiment: Experiment, repeats: int, batch_size: int, see
     over ``repeats`` estimates, for the mixture's parameters (``model``) and the encoder's
     (``encoder``), at the experiment's current parameters.
 
-    Estimators: ``enumerate`` (z summed out, no guide), ``amortized`` (TraceEnum_ELBO sums the
-    guide's K values: the exact ELBO gradient) and ``score_function`` (TraceGraph_ELBO, one draw
-    of z per row, with the guide's baseline); each on ``random`` minibatches of ``batch_size``
-    rows and on one ``fixed`` minibatch, where only the draws vary.
+    Estimators, one per route of ``ROUTES``: ``enumerate`` (z summed out, no guide), ``amortized``
+    (``enum`` sums the guide's K values: the exact ELBO gradient) and ``score_function``
+    (``tracegraph``, one draw of z per row, with the guide's baseline); each on ``random``
+    minibatches of ``batch_size`` rows and on one ``fixed`` minibatch, where only the draws
+    vary.
     """
     model, guide, x = experiment.model, experiment.guide, experiment.data.x_train
-    enumerate_guide = EnumerateGuide(model.data_dim, model.components)
+    guides = {"enumerate": EnumerateGuide(model.data_dim, model.components), "amortized": guide}
     groups = {"model": list(model.parameters()), "encoder": list(guide.encoder.parameters())}
-    estimators = {"enumerate": (TraceEnum_ELBO(max_plate_nesting=1), enumerate_guide),
-                  "amortized": (TraceEnum_ELBO(max_plate_nesting=1), guide),
-                  "score_function": (ScoreFunctionELBO(max_plate_nesting=1), guide)}
+    estimators = {route: (make_objective(objective), guides[guide_name])
+                  for route, (guide_name, objective) in ROUTES.items()}
     generator = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, x.shape[0])
     fixed = torch.randperm(x.shape[0], generator=generator)[:batch_size]
@@ -206,7 +186,7 @@ def gradient_variance(experiment: Experiment, repeats: int, batch_size: int, see
                         torch.randperm(x.shape[0], generator=generator)[:batch_size])
                 for parameter in (*model.parameters(), *guide.parameters()):
                     parameter.grad = None
-                objective.loss_and_grads(model, estimator_guide, x[rows])
+                objective.differentiable_loss(model, estimator_guide, x[rows]).backward()
                 for group, parameters in groups.items():
                     if all(p.grad is not None for p in parameters):
                         draws[group].append(torch.cat([p.grad.flatten() / batch_size
@@ -312,17 +292,17 @@ def _number(value: float | None, width: int, digits: int = 4) -> str:
 def _print_tables(results: dict[str, Any], variance: dict[str, dict[str, float]]) -> None:
     """The fits, the gradient variances, and the closing note."""
     em = results["em"]
-    header = (f"{'fit':<16}{'loglik train':>13}{'loglik test':>13}{'gap to EM':>11}"
+    header = (f"{'fit':<16}{'loss':<12}{'loglik train':>13}{'loglik test':>13}{'gap to EM':>11}"
               f"{'ELBO train':>12}{'KL(q||p)':>10}{'init s':>8}{'total s':>9}{'to EM s':>9}")
     print(header)
     print("-" * len(header))
-    print(f"{LABELS['em']:<16}{_number(em['log_likelihood_train'], 13)}"
+    print(f"{LABELS['em']:<16}{'':<12}{_number(em['log_likelihood_train'], 13)}"
           f"{_number(em['log_likelihood_test'], 13)}{'':>11}{'':>12}{'':>10}{'':>8}"
           f"{_number(em['seconds'], 9, 2)}{_number(em['seconds'], 9, 2)}")
     for route in ROUTES:
         row = results[route]
-        print(f"{LABELS[route]:<16}{_number(row['log_likelihood_train'], 13)}"
-              f"{_number(row['log_likelihood_test'], 13)}"
+        print(f"{LABELS[route]:<16}{row['objective']:<12}"
+              f"{_number(row['log_likelihood_train'], 13)}{_number(row['log_likelihood_test'], 13)}"
               f"{_number(em['log_likelihood_train'] - row['log_likelihood_train'], 11)}"
               f"{_number(row['elbo_train'], 12)}{_number(row['responsibility_kl'], 10)}"
               f"{_number(row['seconds_init'], 8, 2)}{_number(row['seconds'], 9, 2)}"

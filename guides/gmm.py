@@ -6,7 +6,7 @@ name ``"z"`` in the plate ``"data"`` of size N at dim -1.
 - :class:`EnumerateGuide` (``enumerate``): no sample sites and no parameters. The model's
   assignments z, marked for parallel enumeration, are summed out exactly by ``TraceEnum_ELBO``,
   whose loss is then -sum_n log p(x_n): the exact route, with the mixture's parameters point
-  estimates.
+  estimates. Every other objective needs a q(z | x) to draw z from and is refused.
 - :class:`AmortizedGuide` (``amortized``): q(z_n | x_n) = Categorical(softmax(f(x_n))), an
   encoder shared by all rows. Its site is marked for parallel enumeration, so the two ELBO
   estimators of Pyro that accept a discrete guide give the same ELBO two ways:
@@ -17,8 +17,9 @@ name ``"z"`` in the plate ``"data"`` of size N at dim -1.
   * ``TraceGraph_ELBO`` (``--loss tracegraph``) draws one z per row. The draws are discrete, so
     the encoder's gradient needs the score function, grad E_q[c] = E_q[c grad log q(z | x)]
     (REINFORCE); it subtracts this guide's learned per-row baseline b(x_n) from the cost c
-    (Mnih & Gregor, 2014), which keeps it unbiased and lowers its variance. This is the
-    default for this guide: the teaching contrast to the exact route.
+    (Mnih & Gregor, 2014), which keeps it unbiased and lowers its variance; with
+    ``--particles P`` it draws P per row, each with the same b(x_n). This is the default for
+    this guide: the teaching contrast to the exact route.
 
 The encoder. The exact posterior is p(z_n = k | x_n) = softmax_k(a_nk) with
 
@@ -41,8 +42,11 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
+from pyro.poutine.enum_messenger import EnumMessenger
+from pyro.poutine.runtime import _PYRO_STACK, get_plates
 from torch import Tensor, nn
 
+from zoo.errors import ZooError
 from zoo.models.gmm import GMM, check_options, check_table
 
 
@@ -65,7 +69,26 @@ class EnumerateGuide(PyroModule):
         return cls(data.data_dim, components)
 
     def forward(self, x: Tensor) -> None:
+        """Nothing to sample: the model's z is summed out by the enumeration that
+        ``TraceEnum_ELBO`` (``--loss enum``) wraps around model and guide. Any other objective
+        would need q(z | x) from this guide and is refused."""
         check_table(x, self.data_dim)
+        if not any(isinstance(handler, EnumMessenger) for handler in _PYRO_STACK):
+            raise ZooError("the enumerate guide has no q(z | x) to draw z from: it leaves z to "
+                           "be summed out in the model, which only --loss enum (TraceEnum_ELBO) "
+                           "does. Use --loss enum with --guide enumerate, or --guide amortized "
+                           "for the score-function objective (--loss tracegraph)")
+
+
+def plate_shape() -> torch.Size:
+    """The batch shape that the enclosing ``pyro.plate`` contexts give a sample site: each
+    plate's size at its dim, 1 elsewhere (``[N]`` inside the data plate alone, ``[P, N]`` inside
+    a particle plate of P at dim -2 too)."""
+    frames = [frame for frame in get_plates() if frame.vectorized]
+    shape = [1] * max((-frame.dim for frame in frames), default=0)
+    for frame in frames:
+        shape[frame.dim] = frame.size
+    return torch.Size(shape)
 
 
 def quadratic_features(u: Tensor) -> Tensor:
@@ -129,16 +152,22 @@ class AmortizedGuide(PyroModule):
         return self.log_responsibilities(x).exp()
 
     def baseline(self, phi: Tensor) -> Tensor:
-        """The score-function baseline b(x_n) from the features, ``[N]``."""
+        """The score-function baseline b(x_n) from the features ``phi: [..., N, F]``,
+        ``[..., N]``."""
         return self.baseline_net(phi).squeeze(-1)
 
     def forward(self, x: Tensor) -> None:
+        """z_n ~ q(z | x_n) in the plate ``"data"``. The baseline b(x_n) is given the batch
+        shape of the site's cost: under a particle plate of P draws per row (``--particles P``
+        with ``tracegraph``) each of the P draws of z_n gets the same b(x_n), which depends on
+        x_n alone and so leaves the score-function gradient unbiased."""
         phi = self.features(x)
         with pyro.plate("data", x.shape[0], dim=-1):
+            phi_per_draw = phi.expand(*plate_shape(), phi.shape[-1])    # [..., N, F]
             pyro.sample("z", dist.Categorical(logits=self.encoder(phi)),
                         infer={"enumerate": "parallel",
                                "baseline": {"nn_baseline": self.baseline,
-                                            "nn_baseline_input": phi}})
+                                            "nn_baseline_input": phi_per_draw}})
 
     @classmethod
     def best_for(cls, model: GMM) -> AmortizedGuide:
@@ -162,7 +191,7 @@ class AmortizedGuide(PyroModule):
             L = model._full_scales()                                    # [K, D, D]
             P = torch.cholesky_inverse(L)                               # [K, D, D]
             m = model.locs
-            i, j = torch.triu_indices(model.data_dim, model.data_dim)
+            i, j = torch.triu_indices(model.data_dim, model.data_dim, device=L.device)
             quadratic = torch.where(i == j, -0.5, -1.0) * P[:, i, j]    # [K, D (D + 1) / 2]
             linear = (P @ m.unsqueeze(-1)).squeeze(-1)                  # [K, D]
             bias = (model.weights.log() - 0.5 * (linear * m).sum(-1)

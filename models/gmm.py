@@ -27,7 +27,8 @@ point (or a lower-dimensional subspace) drives it to infinity. Every diagonal en
 ``full``, (L_k)_dd is the standard deviation of u_d given u_1, ..., u_{d-1} in component k, so
 the floor bounds every conditional variance below by 1e-6 times the column's variance, much
 as scikit-learn's ``reg_covar`` = 1e-6 does, and keeps log N(x | mu_k, Sigma_k) bounded. When
-a component's factor sits at the floor a warning says so (``warn_if_floor_binds``).
+a component's factor sits at the floor a warning says so (``warn_if_floor_binds``: after the
+initialization, in ``metrics``, and in the components figure drawn after training).
 
 Exact marginal and posterior. With a_nk = log pi_k + log N(x_n | mu_k, Sigma_k) (``joint_log_prob``,
 ``[N, K]``), summing z out gives
@@ -87,6 +88,8 @@ SCALE_FLOOR = 1e-3
 """Lower bound of the diagonal of each component's Cholesky factor, standardized units."""
 FLOOR_WARNING_FACTOR = 1.5
 """The floor is said to bind when a diagonal entry is below this multiple of it."""
+SIMPLEX_TOLERANCE = 1e-5
+"""How far from 1 the sum of weights given to ``set_parameters`` may be: float32 round-off."""
 WEIGHTS_CONCENTRATION = 2.0
 MEAN_PRIOR_SCALE = 10.0
 LKJ_CONCENTRATION = 2.0
@@ -325,6 +328,11 @@ def refine(u: Tensor, weights: Tensor, locs: Tensor, scales: Tensor, covariance:
                 transform(raw_scales).detach(), final)
 
 
+def _listed(flags: Tensor) -> str:
+    """The indices k where ``flags: [K]`` is true, as a comma-separated list."""
+    return ", ".join(str(k) for k in flags.nonzero().flatten().tolist())
+
+
 # --- the model -------------------------------------------------------------------------------
 
 class GMM(PyroModule):
@@ -398,29 +406,68 @@ class GMM(PyroModule):
     def set_parameters(self, weights: Tensor | None = None, means: Tensor | None = None,
                        covariances: Tensor | None = None) -> None:
         """Overwrite any of pi ``[K]``, mu ``[K, D]``, Sigma ``[K, D, D]`` (data's units),
-        keeping the model's dtype and device. ``diag`` models need diagonal covariances."""
-        like = self.locs
+        keeping the model's dtype and device.
+
+        pi must lie on the simplex (positive, summing to 1 within ``SIMPLEX_TOLERANCE``); each
+        Sigma_k must be symmetric positive definite, diagonal for ``diag`` models, with its
+        standardized Cholesky diagonal above ``SCALE_FLOOR``. Anything else raises
+        :class:`ZooError` and leaves the model as it was.
+        """
+        K, D = self.components, self.data_dim
         if weights is not None:
-            self.weights = torch.as_tensor(weights).to(like)
+            weights = self._as_parameter(weights, "weights", (K,))
+            if not ((weights > 0).all() and (weights.sum() - 1).abs() <= SIMPLEX_TOLERANCE):
+                raise ZooError(f"the weights must be K = {K} positive numbers that sum to 1; got "
+                               f"sum {weights.sum():.6g} and smallest {weights.min():.6g} "
+                               f"(divide them by their sum; drop components of weight 0)")
         if means is not None:
-            self.locs.copy_((torch.as_tensor(means).to(like) - self.shift) / self.scale_in)
+            locs = (self._as_parameter(means, "means", (K, D)) - self.shift) / self.scale_in
         if covariances is not None:
-            covariances = torch.as_tensor(covariances).to(like)
-            standardized = covariances / (self.scale_in[:, None] * self.scale_in)
-            if self.covariance == "diag":
-                off = standardized - torch.diag_embed(standardized.diagonal(dim1=-2, dim2=-1))
-                if off.abs().max() > 0:
-                    raise ZooError("a diag GMM needs diagonal covariances; got off-diagonal "
-                                   "entries (use covariance='full')")
-                scales = diagonal = standardized.diagonal(dim1=-2, dim2=-1).sqrt()
-            else:
-                scales = torch.linalg.cholesky(standardized)
-                diagonal = scales.diagonal(dim1=-2, dim2=-1)
-            if (diagonal <= SCALE_FLOOR).any():
-                raise ZooError(f"a covariance is below the variance floor (Cholesky diagonal "
-                               f"<= {SCALE_FLOOR} column standard deviations); give larger "
-                               f"variances")
+            scales = self._standardized_scales(
+                self._as_parameter(covariances, "covariances", (K, D, D)))
+        if weights is not None:
+            self.weights = weights
+        if means is not None:
+            self.locs.copy_(locs)
+        if covariances is not None:
             self.scales = scales
+
+    def _as_parameter(self, value: Tensor, name: str, shape: tuple[int, ...]) -> Tensor:
+        """``value`` in the model's dtype and device, checked to be finite and of ``shape``."""
+        value = torch.as_tensor(value).to(self.locs)
+        if value.shape != shape:
+            raise ZooError(f"the {name} must have shape {list(shape)} for K = {self.components} "
+                           f"components in D = {self.data_dim} dimensions; got shape "
+                           f"{list(value.shape)}")
+        if not torch.isfinite(value).all():
+            raise ZooError(f"the {name} contain NaN or infinite values")
+        return value
+
+    def _standardized_scales(self, covariances: Tensor) -> Tensor:
+        """What the parameter ``scales`` holds for Sigma ``[K, D, D]`` (data's units): the
+        Cholesky factors L_k of S^-1 Sigma_k S^-1 (full) or their diagonals (diag). Raises
+        :class:`ZooError` unless every Sigma_k is symmetric positive definite, diagonal for
+        ``diag``, and above the variance floor."""
+        standardized = covariances / (self.scale_in[:, None] * self.scale_in)
+        invalid = ~constraints.positive_definite.check(standardized)
+        if invalid.any():
+            raise ZooError(f"the covariances of component(s) {_listed(invalid)} are not "
+                           f"symmetric positive definite; give each Sigma_k as a symmetric "
+                           f"matrix with positive eigenvalues")
+        if self.covariance == "diag":
+            off_diagonal = standardized - torch.diag_embed(standardized.diagonal(dim1=-2, dim2=-1))
+            if off_diagonal.abs().max() > 0:
+                raise ZooError("a diag GMM needs diagonal covariances; got off-diagonal "
+                               "entries (use covariance='full')")
+            scales = diagonal = standardized.diagonal(dim1=-2, dim2=-1).sqrt()
+        else:
+            scales = torch.linalg.cholesky(standardized)
+            diagonal = scales.diagonal(dim1=-2, dim2=-1)
+        if (diagonal <= SCALE_FLOOR).any():
+            raise ZooError(f"a covariance is below the variance floor (Cholesky diagonal "
+                           f"<= {SCALE_FLOOR} column standard deviations); give larger "
+                           f"variances")
+        return scales
 
     @torch.no_grad()
     def initialize_from_data(self, x: Tensor, restarts: int = 10,
@@ -459,11 +506,10 @@ class GMM(PyroModule):
         stuck = (diagonal < FLOOR_WARNING_FACTOR * SCALE_FLOOR).any(-1)
         if not stuck.any():
             return False
-        listed = ", ".join(str(k) for k in stuck.nonzero().flatten().tolist())
-        warnings.warn(f"the GMM's variance floor binds for component(s) {listed}: they have "
-                      f"collapsed onto a point or a lower-dimensional subspace of the data (for "
-                      f"example repeated rows), where the likelihood is unbounded. Use fewer "
-                      f"--components, a diag covariance, or remove duplicated rows.",
+        warnings.warn(f"the GMM's variance floor binds for component(s) {_listed(stuck)}: they "
+                      f"have collapsed onto a point or a lower-dimensional subspace of the data "
+                      f"(for example repeated rows), where the likelihood is unbounded. Use "
+                      f"fewer --components, a diag covariance, or remove duplicated rows.",
                       stacklevel=2)
         return True
 
@@ -491,7 +537,7 @@ class GMM(PyroModule):
         if self.covariance == "full" and D >= 2:
             L = self.scales
             correlation_tril = L / L.norm(dim=-1, keepdim=True)
-            log_p = log_p + dist.LKJCholesky(D, LKJ_CONCENTRATION
+            log_p = log_p + dist.LKJCholesky(D, L.new_tensor(LKJ_CONCENTRATION)
                                              ).log_prob(correlation_tril).sum()
         return log_p
 

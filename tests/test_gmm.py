@@ -8,14 +8,18 @@ Identities are checked in float64 to round-off tolerances. Fits are compared wit
 standard errors of the estimates it checks.
 """
 
+import copy
+import importlib.util
 import json
 import math
+import warnings
 
 import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import REPO
 from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO, infer_discrete
 from scipy.optimize import linear_sum_assignment
 from sklearn.datasets import load_iris
@@ -24,7 +28,7 @@ from sklearn.mixture import GaussianMixture
 from zoo.cli import main
 from zoo.data import Data, load_data
 from zoo.errors import ZooError
-from zoo.experiment import make_config
+from zoo.experiment import build_experiment, draw_figures, make_config
 from zoo.guides.gmm import AmortizedGuide, EnumerateGuide, quadratic_features
 from zoo.models import gmm
 from zoo.models.gmm import GMM, SCALE_FLOOR
@@ -146,8 +150,8 @@ def test_enumerated_loss_is_the_negative_log_joint(covariance, prior):
             log_prior = (dist.Dirichlet(torch.full((K,), 2.0, dtype=f64)).log_prob(model.weights)
                          + dist.Normal(x.mean(0), 10 * sd).log_prob(model.means).sum())
             if covariance == "full":
-                log_prior = log_prior + dist.LKJCholesky(D, 2.0).log_prob(
-                    torch.linalg.cholesky(correlation)).sum()
+                lkj = dist.LKJCholesky(D, torch.tensor(2.0, dtype=f64))
+                log_prior = log_prior + lkj.log_prob(torch.linalg.cholesky(correlation)).sum()
     elbo = TraceEnum_ELBO(max_plate_nesting=1)
     loss = elbo.differentiable_loss(model, EnumerateGuide(D, K), x)
     torch.testing.assert_close(loss, -(log_px.sum() + log_prior), atol=1e-9, rtol=0)
@@ -212,10 +216,12 @@ def test_quadratic_features():
                                torch.tensor([[1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 4.0, 6.0, 9.0]]))
 
 
-def test_score_function_gradient_is_unbiased_and_noisier_than_enumeration():
-    """The gradient of TraceGraph_ELBO (one draw of z per row, score function with the guide's
-    baseline) averages to the exact gradient, which TraceEnum_ELBO computes by summing the
-    guide's site over its K values, and only the former varies from call to call."""
+@pytest.mark.parametrize("num_particles", [1, 3])
+def test_score_function_gradient_is_unbiased_and_noisier_than_enumeration(num_particles):
+    """The gradient of ``tracegraph`` (P draws of z per row, score function with the guide's
+    baseline, which takes the particles' batch shape) averages to the exact gradient, which
+    ``enum`` computes by summing the guide's site over its K values, and only the former varies
+    from call to call."""
     K, D, N, S = 3, 2, 40, 100
     x = torch.randn(N, D, dtype=f64) * 3
     model = random_model(K, D, "full", x)
@@ -226,23 +232,31 @@ def test_score_function_gradient_is_unbiased_and_noisier_than_enumeration():
     parameters = dict(model.named_parameters()) | {
         f"encoder.{name}": value for name, value in guide.encoder.named_parameters()}
 
-    def gradients(elbo):
+    def gradients(objective):
         for value in parameters.values():
             value.grad = None
-        elbo.loss_and_grads(model, guide, x)
+        objective.differentiable_loss(model, guide, x).backward()
         return torch.cat([value.grad.flatten() for value in parameters.values()])
 
-    exact = gradients(TraceEnum_ELBO(max_plate_nesting=1))
-    assert torch.equal(exact, gradients(TraceEnum_ELBO(max_plate_nesting=1)))
+    exact = gradients(make_objective("enum"))
+    assert torch.equal(exact, gradients(make_objective("enum")))
     pyro.set_rng_seed(0)
-    with pytest.warns(UserWarning, match="If you want to enumerate"):  # it samples z instead
-        draws = torch.stack([gradients(TraceGraph_ELBO(max_plate_nesting=1))
-                             for _ in range(S)])
+    score_function = make_objective("tracegraph", num_particles=num_particles)
+    draws = torch.stack([gradients(score_function) for _ in range(S)])
     mean, se = draws.mean(0), draws.std(0) / math.sqrt(S)
     structural = (draws == 0).all(0)        # the upper triangles of the unconstrained factors
     assert structural.sum() == K and (exact[structural] == 0).all()
     assert (se[~structural] > 0).all()                      # every other entry is noisy ...
     assert ((mean - exact).abs() <= 5 * se).all()           # ... and unbiased
+
+
+@pytest.mark.parametrize("loss", ["tracegraph", "elbo", "iwae"])
+def test_enumerate_guide_refuses_objectives_that_need_q(loss):
+    """The enumerate guide has no q(z | x): only ``enum`` can train it."""
+    x = torch.randn(20, 2, dtype=f64)
+    model = random_model(2, 2, "full", x)
+    with pytest.raises(ZooError, match="enumerate guide has no q.*--loss enum"):
+        make_objective(loss).differentiable_loss(model, EnumerateGuide(2, 2), x)
 
 
 # --- fits with the default settings ----------------------------------------------------------
@@ -342,6 +356,24 @@ def test_restarts_keep_the_best_candidate():
     assert chosen.item() == pytest.approx(log_likelihoods.max().item(), abs=1e-4)
 
 
+def test_a_collapsed_fit_warns_in_the_figures_drawn_after_training(tmp_path):
+    """``zoo train`` draws the components after training (``draw_figures``), which warns
+    when a fitted component sits at the variance floor; building the experiment does not."""
+    config = make_config("gmm", options={"restarts": 1}, data={"test_fraction": 0},
+                         train={"steps": 3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        experiment = build_experiment(config, quiet=True)
+    model, x = experiment.model, experiment.data.x_train
+    history = fit(model, experiment.guide, experiment.objective, experiment.train_inputs,
+                  settings=experiment.settings)
+    covariances = model.covariances.detach().clone()
+    covariances[2] = torch.diag((1.2 * SCALE_FLOOR * x.std(0)) ** 2)   # collapsed onto a point
+    model.set_parameters(covariances=covariances)
+    with pytest.warns(UserWarning, match=r"variance floor binds for component\(s\) 2"):
+        draw_figures(experiment, history, tmp_path)
+
+
 def test_variance_floor_warns_when_it_binds():
     x = torch.randn(50, 2, dtype=f64)
     model = random_model(2, 2, "diag", x)
@@ -354,6 +386,31 @@ def test_variance_floor_warns_when_it_binds():
     assert torch.isfinite(model.marginal_log_prob(x)).all()
     with pytest.raises(ZooError, match="below the variance floor"):
         model.set_parameters(covariances=variances / 4)
+
+
+@pytest.mark.parametrize("parameters, message", [
+    ({"weights": [0.5, 0.6]}, r"weights must be K = 2 positive numbers that sum to 1; got sum 1.1"),
+    ({"weights": [1.5, -0.5]}, r"positive numbers that sum to 1; got sum 1 and smallest -0\.5"),
+    ({"weights": [0.2, 0.3, 0.5]}, r"weights must have shape \[2\] .* got shape \[3\]"),
+    ({"means": torch.zeros(2, 3)}, r"means must have shape \[2, 2\] .* got shape \[2, 3\]"),
+    ({"means": [[0.0, float("nan")], [1.0, 1.0]]}, "means contain NaN"),
+    ({"covariances": torch.eye(2)}, r"covariances must have shape \[2, 2, 2\]"),
+    ({"covariances": torch.tensor([[[1.0, 0.5], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]])},
+     r"component\(s\) 0 are not symmetric positive definite"),
+    ({"covariances": torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 2.0], [2.0, 1.0]]])},
+     r"component\(s\) 1 are not symmetric positive definite"),
+])
+def test_set_parameters_refuses_bad_values_and_keeps_the_model(parameters, message):
+    """One bad value among good ones: a ZooError naming it, and no parameter changed."""
+    x = torch.randn(30, 2, dtype=f64)
+    model = random_model(2, 2, "full", x)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    valid = {"weights": [0.5, 0.5], "means": torch.zeros(2, 2),
+             "covariances": torch.eye(2).expand(2, 2, 2)}
+    with pytest.raises(ZooError, match=message):
+        model.set_parameters(**(valid | parameters))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
 
 
 # --- the zoo command ---------------------------------------------------------------------------
@@ -426,6 +483,36 @@ def test_train_amortized_with_the_score_function(tmp_path, capsys):
     assert result["train"]["elbo"] <= result["train"]["log_likelihood"] + 1e-6
 
 
+def test_enumerate_guide_with_another_loss_is_refused_through_the_command(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "gmm", "--loss", "tracegraph", "--out", str(run), *TINY]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1  # one line, without the trace shapes Pyro appends inside a model
+    assert lines[0].startswith("zoo: error: the enumerate guide has no q(z | x)")
+    assert "Use --loss enum with --guide enumerate" in lines[0]
+    assert not run.exists()
+
+
+def test_example_routes_train_with_their_objectives(tmp_path):
+    """The example's amortized route has the exact ELBO (``enum``, the guide's K values summed),
+    its score-function route one draw per row (``tracegraph``): two different estimators."""
+    path = REPO / "examples" / "gmm_enumeration_vs_amortized.py"
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = example.build_parser().parse_args(["--steps", "2", "--restarts", "1", "--quiet",
+                                              "--out", str(tmp_path)])
+    expected = {"enumerate": (EnumerateGuide, TraceEnum_ELBO, "enum"),
+                "amortized": (AmortizedGuide, TraceEnum_ELBO, "enum"),
+                "score_function": (AmortizedGuide, TraceGraph_ELBO, "tracegraph")}
+    assert set(example.ROUTES) == set(expected)
+    for route, (guide_type, objective_type, name) in expected.items():
+        result, experiment = example.run_route(route, args, em_log_likelihood=0.0)
+        assert type(experiment.guide) is guide_type
+        assert isinstance(experiment.objective, objective_type)
+        assert result["objective"] == experiment.config["objective"]["name"] == name
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
@@ -439,6 +526,34 @@ def test_bad_options_through_the_command(capsys, argv, message):
     assert main(["train", "gmm", "--test-fraction", "0", "--quiet", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("zoo: error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+def test_model_and_guides_on_cuda(covariance):
+    """Every closed form and objective gives on the GPU what it gives on the CPU, with the weak
+    prior (LKJ for full covariances); initialization and set_parameters accept CUDA data."""
+    K, D, N = 3, 3, 40
+    x = torch.randn(N, D, dtype=f64) * 2 + 1
+    model = random_model(K, D, covariance, x, prior="weak")
+    cuda = torch.device("cuda")
+    on_gpu, x_gpu = copy.deepcopy(model).to(cuda), x.to(cuda)
+    enum = make_objective("enum")
+    torch.testing.assert_close(enum.differentiable_loss(on_gpu, EnumerateGuide(D, K), x_gpu).cpu(),
+                               enum.differentiable_loss(model, EnumerateGuide(D, K), x))
+    exact = AmortizedGuide.best_for(on_gpu)
+    assert exact.encoder.weight.device.type == "cuda"
+    with torch.no_grad():
+        torch.testing.assert_close(exact.log_responsibilities(x_gpu).cpu(),
+                                   model.log_responsibilities(x), atol=1e-10, rtol=0)
+        metrics = on_gpu.metrics(exact, x_gpu)
+    assert metrics["responsibility_kl"] == pytest.approx(0.0, abs=1e-10)
+    make_objective("tracegraph", num_particles=3).differentiable_loss(on_gpu, exact, x_gpu
+                                                                      ).backward()
+    assert all(torch.isfinite(p.grad).all() for p in on_gpu.parameters())
+    on_gpu.set_parameters(*random_parameters(K, D, covariance))       # CPU values, GPU model
+    on_gpu.initialize_from_data(x_gpu, restarts=2)
+    assert on_gpu.locs.device.type == "cuda"
 
 
 def test_bad_tables():

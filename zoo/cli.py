@@ -228,6 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"zoo: {error}", file=sys.stderr)
         return 1
     except ZooError as error:
+        # raised inside a model or guide, Pyro re-raises it with the trace's shapes appended
+        # (from the original): the original message is the one line for the user
+        while isinstance(error.__cause__, ZooError):
+            error = error.__cause__
         print(f"zoo: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

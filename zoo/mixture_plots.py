@@ -109,10 +109,13 @@ def plot_components(x: torch.Tensor, responsibilities: torch.Tensor, weights: to
 
 @torch.no_grad()
 def plot_run_components(experiment, path: str | Path) -> Path:
-    """``zoo plot RUN --kind components`` for a GMM run: the training rows coloured by the exact
-    responsibilities p(z | x) with the fitted components; for a guide that exposes
-    q(z | x) (amortized) a second panel colours the rows by q instead."""
+    """``zoo plot RUN --kind components`` for a GMM run, also drawn after every training run:
+    the training rows coloured by the exact responsibilities p(z | x) with the fitted
+    components; for a guide that exposes q(z | x) (amortized) a second panel colours the rows
+    by q instead. Warns when a fitted component sits at the variance floor (collapsed), which
+    the figure would show only as a tiny ellipse."""
     model, guide, x = experiment.model, experiment.guide, experiment.data.x_train
+    model.warn_if_floor_binds()
     weights, means, covariances = model.weights, model.means, model.covariances
     name = f"gmm, K = {model.components}, {model.covariance} covariances"
     if x.shape[1] == 1 or not hasattr(guide, "responsibilities"):
