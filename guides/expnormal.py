@@ -44,7 +44,6 @@ MIN_SCALE = 1e-3
 """Added to the softplus of the scale, so that q never collapses to a point."""
 
 
-
 class _EncoderGuide(PyroModule):
     """What both guides share: ``recognition_net`` from standardized x to (mu, s), and the site
     ``"z"`` in the plate ``"data"``. Subclasses turn (mu, s) into q in ``distribution``."""

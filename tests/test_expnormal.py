@@ -1,5 +1,6 @@
 """The exponential-normal teaching model: closed forms against numerical integration, the
-truncated normal against its definition, and the two guides' fits (exact family against
+truncated normal against its definition (also far in its tail, where Phi(loc / scale)
+underflows, in float32 and float64), and the two guides' fits (exact family against
 log-normal), with their diagnostics.
 
 Closed forms are compared in float64 to quadrature tolerances; Monte-Carlo checks use five
@@ -8,11 +9,13 @@ standard errors."""
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pyro
 import pytest
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
+from scipy import special, stats
 from torch.distributions import kl_divergence
 
 from zoo.data import Data
@@ -82,6 +85,69 @@ def test_truncated_normal_sampling_cdf_and_support():
     unchecked = TruncatedNormal(loc, scale, validate_args=False)
     assert unchecked.log_prob(torch.tensor(-0.1, dtype=f64)).eq(-math.inf).all()
     assert d.expand((4, 3)).sample().shape == (4, 3)
+
+
+# Far in the tail: Phi(a) underflows below a = -13 in float32 and below a = -38 in float64.
+TAIL_RATIOS = [-20.0, -50.0]
+DTYPES = [torch.float32, f64]
+
+
+def tail_distribution(a, dtype):
+    """Two truncated normals with loc / scale = a, at scales 1 and 0.5."""
+    scale = torch.tensor([1.0, 0.5], dtype=dtype)
+    return TruncatedNormal(a * scale, scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("a", TAIL_RATIOS)
+def test_truncated_normal_far_in_the_tail(a, dtype):
+    d = tail_distribution(a, dtype)
+    scale = d.scale.double().numpy()
+    # the mean s (a + phi(a) / Phi(a)) in float64 with SciPy's erfcx, phi(a) / Phi(a) =
+    # 1 / (sqrt(pi / 2) erfcx(-a / sqrt 2)): the sum cancels to about 1 / |a|, which leaves a
+    # relative round-off of about eps_64 a^2 in the reference
+    lam = 1 / (math.sqrt(math.pi / 2) * special.erfcx(-a / math.sqrt(2)))
+    eps = torch.finfo(dtype).eps
+    np.testing.assert_allclose(d.mean.double().numpy(), scale * (a + lam),
+                               rtol=10 * eps + 10 * torch.finfo(f64).eps * a**2)
+    z = d.sample((20_000,))
+    assert torch.isfinite(z).all() and (z >= 0).all()
+    log_q = d.log_prob(z)
+    assert torch.isfinite(log_q).all()
+    for column in range(2):
+        reference = stats.truncnorm(-a, math.inf, loc=a * scale[column], scale=scale[column])
+        assert stats.kstest(z[:, column].double().numpy(), reference.cdf).pvalue > 0.01
+    # every draw differs (no collapse onto a few representable values)
+    assert z.unique().numel() > 0.99 * z.numel()
+    standard_error = (d.variance / z.shape[0]).sqrt()
+    assert ((z.mean(0) - d.mean).abs() < 5 * standard_error).all()
+    entropy_error = log_q.double().std(0) / math.sqrt(z.shape[0])
+    assert ((-log_q.double().mean(0) - d.entropy().double()).abs() < 5 * entropy_error).all()
+    u = torch.rand(100, 2, dtype=dtype)
+    torch.testing.assert_close(d.cdf(d.icdf(u)), u, atol=100 * eps, rtol=0)
+
+
+@pytest.mark.parametrize("a", [*TAIL_RATIOS, -4.0, -1.0, 2.0])
+def test_truncated_normal_draws_are_differentiable(a):
+    """Reparameterized draws at fixed uniforms against finite differences, in and out of the
+    far tail."""
+    loc = torch.tensor([a, 0.5 * a], dtype=f64, requires_grad=True)
+    scale = torch.tensor([1.0, 0.5], dtype=f64, requires_grad=True)
+    u = torch.rand(2, dtype=f64)
+    assert torch.autograd.gradcheck(lambda m, s: TruncatedNormal(m, s).icdf(u), (loc, scale))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x", [-12.0, -30.0, -60.0])
+def test_exact_posterior_draws_far_left_are_finite_and_exact(x, dtype):
+    """For x <= -12 the posterior N(x - 1, 1) truncated to z >= 0 lies in the far tail; its draws
+    are still finite and every importance weight still equals p(x). log p(x, z) and log p(x)
+    are each about -x^2 / 2, so their round-off is about eps x^2."""
+    model, points = ExpNormal(), torch.full((3, 1), x, dtype=dtype)
+    log_w = log_weights(model, exact_guide(model), points, num_particles=500)
+    expected = marginal_log_prob(points).expand(500, 3)
+    torch.testing.assert_close(log_w, expected, rtol=0,
+                               atol=10 * torch.finfo(dtype).eps * x**2)
 
 
 @pytest.mark.parametrize("family", ["truncated", "lognormal"])
