@@ -18,11 +18,10 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 from torch import Tensor
-from torch.nn.functional import one_hot
 
 from zoo.data import Data
 from zoo.guides.vae import MeanFieldGuide as VAEMeanFieldGuide
-from zoo.models.cvae import check_labelled
+from zoo.models.cvae import check_labelled, one_hot_labels
 from zoo.models.vae import network, resolve_options
 
 
@@ -45,7 +44,7 @@ class MeanFieldGuide(VAEMeanFieldGuide):
 
     def distribution(self, x: Tensor, y: Tensor) -> dist.Independent:
         """q(z | x, y) as ``Independent(Normal(mu, sigma), 1)``: batch [N], event [M]."""
-        e = one_hot(y, self.num_classes).to(x.dtype)
+        e = one_hot_labels(y, self.num_classes, x.shape[-2]).to(x.dtype)
         return dist.Normal(*network(self, "recognition_net")(x, e)).to_event(1)
 
     def forward(self, x: Tensor, y: Tensor) -> None:

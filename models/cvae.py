@@ -42,9 +42,31 @@ def check_labelled(data: Data) -> int:
     return data.num_classes
 
 
+def one_hot_labels(y: Tensor, num_classes: int, num_data: int) -> Tensor:
+    """e(y_n) for labels ``y: [N]`` of N = ``num_data`` images, ``[N, C]`` int64.
+
+    :class:`ZooError` unless y holds one integer in 0, ..., C - 1 per image: a float label, a
+    label out of range (where ``one_hot`` fails, on a GPU with a device-side assert) or a
+    single label for many images (which would broadcast silently) is a mistake of the caller.
+    """
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ZooError(f"cvae labels y must be integer class indices; got dtype {y.dtype}: "
+                       f"pass y.long()")
+    if y.shape != (num_data,):
+        raise ZooError(f"cvae labels y must have shape [N] = [{num_data}], one label per image "
+                       f"of x; got shape {list(y.shape)}: pass one label per image, for "
+                       f"example torch.full(({num_data},), label) for a single label")
+    if not ((y >= 0) & (y < num_classes)).all():
+        raise ZooError(f"cvae labels y must be classes 0 to {num_classes - 1}; got labels from "
+                       f"{y.min().item()} to {y.max().item()}: use the labels of the data the "
+                       f"model was built for")
+    return one_hot(y.long(), num_classes)
+
+
 def with_label(u: Tensor, y: Tensor, num_classes: int) -> Tensor:
-    """[u, e(y)]: ``u: [..., N, I]`` and ``y: [N]`` give ``[..., N, I + C]``."""
-    e = one_hot(y, num_classes).to(u.dtype)
+    """[u, e(y)]: ``u: [..., N, I]`` and ``y: [N]`` give ``[..., N, I + C]`` (y checked by
+    :func:`one_hot_labels`)."""
+    e = one_hot_labels(y, num_classes, u.shape[-2]).to(u.dtype)
     return torch.cat([u, e.expand(*u.shape[:-1], num_classes)], -1)
 
 

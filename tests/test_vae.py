@@ -4,6 +4,7 @@ importance-sampled log-likelihood against the ELBO, label dependence of the CVAE
 one small MNIST run (skipped without the data)."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -121,6 +122,33 @@ def test_encoder_scale_stays_finite_and_positive_on_extreme_inputs():
     scale = q.base_dist.scale
     assert torch.isfinite(scale).all() and (scale > 0).all()
     assert torch.isfinite(q.log_prob(q.sample())).all()
+
+
+@pytest.mark.parametrize("y, message", [
+    (torch.full((6,), 10), "must be classes 0 to 9; got labels from 10 to 10: use the labels"),
+    (torch.tensor([0, 1, 2, -1, 3, 4]), "must be classes 0 to 9; got labels from -1 to 4"),
+    (torch.zeros(6), "must be integer class indices; got dtype torch.float32: pass y.long()"),
+    (torch.tensor([3]), "must have shape [N] = [6], one label per image of x; got shape [1]"),
+    (torch.tensor(3), "got shape []: pass one label per image, for example torch.full((6,), "),
+    (torch.zeros(6, 1, dtype=torch.long), "got shape [6, 1]"),
+])
+def test_bad_cvae_labels_are_refused_by_model_and_guide(digits, y, message):
+    model, guide = build(get_model("cvae"), None, digits, {})
+    x = digits.x_train[:6]
+    for call in (lambda: model(x, y), lambda: guide(x, y), lambda: model.mean(torch.zeros(6, 8), y),
+                 lambda: log_weights(model, guide, x, y, num_particles=2)):
+        with pytest.raises(ZooError, match=re.escape(message)):
+            call()
+
+
+def test_cvae_accepts_labels_of_any_integer_type(digits):
+    torch.manual_seed(0)
+    model, guide = build(get_model("cvae"), None, digits, {})
+    x, y = digits.x_train[:6], digits.y_train[:6]
+    z = torch.randn(6, 8)
+    torch.testing.assert_close(model.mean(z, y.int()), model.mean(z, y))
+    torch.testing.assert_close(guide.distribution(x, y.to(torch.uint8)).mean,
+                               guide.distribution(x, y).mean)
 
 
 def _all_binary_images(D):
