@@ -1,6 +1,7 @@
 """Generation and latent-space tools: every plot kind of the VAE and the CVAE through the
-``zoo`` command, ``zoo sample`` to PNG and NPY, refused labels and kinds, and the geometry
-helpers (spherical interpolation, class means, principal components) against references."""
+``zoo`` command, ``zoo sample`` to PNG and NPY, refused labels and kinds, the geometry
+helpers (spherical interpolation, class means, principal components) against references, and
+every figure of a model on a GPU (where there is one)."""
 
 import numpy as np
 import pytest
@@ -8,12 +9,14 @@ import torch
 from sklearn.decomposition import PCA
 
 from zoo.cli import main
+from zoo.experiment import load_run
 from zoo.generation import (
     CVAE_PLOTS,
     VAE_PLOTS,
     class_means,
     mosaic,
     principal_components,
+    sample,
     slerp,
 )
 
@@ -141,6 +144,16 @@ def test_slerp_keeps_the_norm_and_ends_at_the_endpoints():
     torch.testing.assert_close(slerp(z0, 2 * z0, t), z0 + t[:, None] * z0)  # parallel: linear
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_slerp_of_codes_in_the_same_or_opposite_directions_is_the_linear_path(dtype):
+    """sin(omega) = 0 there: no division by it, and no great circle to pick for opposite codes."""
+    torch.manual_seed(0)
+    z0 = torch.randn(16, dtype=dtype)
+    t = torch.linspace(0, 1, 7, dtype=dtype)
+    for z1 in (z0, 2 * z0, -z0, -3 * z0):
+        torch.testing.assert_close(slerp(z0, z1, t), (1 - t[:, None]) * z0 + t[:, None] * z1)
+
+
 def test_class_means_and_principal_components():
     torch.manual_seed(0)
     codes = torch.randn(300, 5) * torch.tensor([3.0, 2.0, 1.0, 0.5, 0.1])
@@ -161,3 +174,14 @@ def test_mosaic_places_each_image():
     assert canvas.shape == (2 * 3 + 1, 3 * 3 + 1)
     np.testing.assert_array_equal(canvas[4:6, 7:9], images[1, 2].numpy())
     assert (canvas[0] == 0.5).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("run, kinds", [("vae2", VAE_PLOTS), ("cvae", CVAE_PLOTS)])
+def test_every_figure_and_sample_of_a_model_on_the_gpu(run_dirs, tmp_path, run, kinds):
+    experiment = load_run(run_dirs[run])
+    experiment.model.cuda().eval(), experiment.guide.cuda().eval()
+    for kind, plot in kinds.items():
+        _assert_png(plot(experiment, tmp_path / f"{kind}.png"))
+    means = sample(experiment, 10, 3 if run == "cvae" else None)
+    assert means.shape == (10, 64) and means.device.type == "cuda"

@@ -30,9 +30,13 @@ log w_s = log p(x_n, z_s) - log q(z_s | x_n):
   anything under p converges fast (q is good); 0.5-0.7: usable; > 0.7: unreliable, q misses
   mass that p has. With the exact posterior every weight equals p(x) and there is no tail to
   fit (some implementations, ArviZ's included, return inf); we report k-hat = -inf there and
-  count the point as exact (``khat_exact``), never as a failure. k-hat measures the shape of
-  the tail, not its size: weights that barely vary (ESS close to S, a nearly exact guide) can
-  still have a large k-hat, so read it together with the ESS.
+  count the point as exact (``khat_exact``), never as a failure. A point that is not exact but
+  has fewer than five weights above the tail's cutoff (weights that take only a few values,
+  or a few weights that dwarf all others) has no tail to fit either: its k-hat is inf, as in
+  ArviZ, and the summary counts it in ``khat_unfitted`` instead of averaging it into
+  ``khat_max`` and ``khat_mean``. k-hat measures the shape of the tail, not its size: weights
+  that barely vary (ESS close to S, a nearly exact guide) can still have a large k-hat, so read
+  it together with the ESS.
 - ``ess``: the importance-sampling effective sample size (sum_s w_s)^2 / sum_s w_s^2, out of S.
 - the amortization gap (Cremer, Li & Duvenaud 2018): log p(x) - ELBO(q) splits into
   ``approximation_gap`` = log p(x) - ELBO(q*), q* the member of q's family fitted to this x
@@ -163,8 +167,10 @@ def guide_draws(model, guide, *inputs: Tensor, num_draws: int, chunk: int = 250)
     of ``chunk`` particles (see :func:`zoo.objectives.draw`)."""
     parts = []
     for done in range(0, num_draws, chunk):
-        draws = draw(model, guide, *inputs, num_particles=min(chunk, num_draws - done))
-        parts.append((draws.guide_trace.nodes[LATENT]["value"],
+        num_particles = min(chunk, num_draws - done)
+        draws = draw(model, guide, *inputs, num_particles=num_particles)
+        z = draws.guide_trace.nodes[LATENT]["value"]        # [N, M] for a single particle
+        parts.append((z.reshape(num_particles, *z.shape[-2:]),
                       draws.log_likelihood + draws.log_prior, draws.log_q))
     return GuideDraws(*(torch.cat(column) for column in zip(*parts, strict=True)))
 
@@ -233,10 +239,10 @@ def reference_posterior(model, *inputs: Tensor, draws: GuideDraws,
         with torch.no_grad():
             posterior = model.posterior(*inputs)
             z = posterior.sample((C * S,))
-        return Reference(z.reshape(C, S, *z.shape[1:]), torch.arange(z.shape[1]), "closed form",
-                         distribution=posterior)
+        return Reference(z.reshape(C, S, *z.shape[1:]), torch.arange(z.shape[1], device=z.device),
+                         "closed form", distribution=posterior)
     n = min(settings.nuts_points, inputs[0].shape[0])
-    points = torch.arange(n)
+    points = torch.arange(n, device=inputs[0].device)
     z, stats = nuts_posterior(model, *(tensor[:n] for tensor in inputs),
                               num_chains=settings.nuts_chains, num_samples=settings.nuts_samples,
                               warmup_steps=settings.nuts_warmup,
@@ -308,7 +314,7 @@ def _moment_errors(q: Distribution | None, draws: GuideDraws, reference: Referen
     errors = {"mean_error": _rms(q_mean - p_mean), "sd_error": _rms(q_sd - p_sd),
               "wasserstein": gaussian_wasserstein(q_mean, q_cov, p_mean, p_cov)}
     nan = torch.full((draws.z.shape[1],), math.nan, dtype=torch.float64)
-    return {name: nan.clone().index_put_((reference.points,), value.double())
+    return {name: nan.clone().index_put_((reference.points.cpu(),), value.double().cpu())
             for name, value in errors.items()}
 
 
@@ -382,8 +388,9 @@ class ImportanceDiagnostics:
 
 
 def importance_diagnostics(log_w: Tensor) -> ImportanceDiagnostics:
-    """PSIS k-hat and effective sample size of log weights ``[S, N]``."""
-    log_w = log_w.detach()
+    """PSIS k-hat and effective sample size of log weights ``[S, N]``, computed on the CPU (the
+    Pareto fit runs in NumPy)."""
+    log_w = log_w.detach().cpu()
     tolerance = EQUAL_WEIGHTS_ULPS * torch.finfo(log_w.dtype).eps * log_w.abs().amax(0).clamp(min=1)
     exact = log_w.amax(0) - log_w.amin(0) <= tolerance
     khat = torch.tensor([-math.inf if equal else pareto_smooth(column.double().numpy())[1]
@@ -428,8 +435,8 @@ def chi_square_uniformity(counts: Tensor) -> Tensor:
     counts = counts.double()
     expected = counts.sum(0) / counts.shape[0]
     statistic = ((counts - expected) ** 2 / expected).sum(0)
-    return torch.special.gammaincc(torch.tensor((counts.shape[0] - 1) / 2, dtype=torch.float64),
-                                   statistic / 2)
+    degrees = torch.tensor(counts.shape[0] - 1, dtype=torch.float64, device=counts.device)
+    return torch.special.gammaincc(degrees / 2, statistic / 2)
 
 
 @torch.no_grad()
@@ -446,7 +453,7 @@ def simulation_based_calibration(model, guide, *inputs: Tensor, num_simulations:
         raise ZooError(f"the number of SBC bins ({num_bins}) must divide the number of possible "
                        f"ranks, draws + 1 = {num_draws + 1}")
     observed = _observed_site(model, *inputs)
-    index = torch.arange(num_simulations) % inputs[0].shape[0]
+    index = torch.arange(num_simulations, device=inputs[0].device) % inputs[0].shape[0]
     template = tuple(tensor[index] for tensor in inputs)
     trace = poutine.trace(poutine.uncondition(model)).get_trace(*template)
     z_true = trace.nodes[LATENT]["value"]                                      # [R, M]
@@ -590,13 +597,14 @@ def amortization_gaps(model, guide, *inputs: Tensor, closed_form: bool = True,
 
 @dataclass
 class Diagnostics:
-    """What :func:`diagnose` finds: the InferenceData, per-point metrics (``[N]`` each, NaN
-    where a metric does not apply to a point), the aggregate ``summary`` (JSON-ready numbers,
-    only those that apply), and the calibration and gaps for the figures."""
+    """What :func:`diagnose` finds: the InferenceData, per-point metrics (``[N]`` float64 on the
+    CPU each, NaN where a metric does not apply to a point), the aggregate ``summary`` (only
+    the numbers that apply; None for one that is not finite, so that it is valid JSON), and the
+    calibration and gaps for the figures."""
 
     idata: az.InferenceData
     per_point: dict[str, Tensor]
-    summary: dict[str, float | int]
+    summary: dict[str, float | int | None]
     calibration: Calibration | None = None
     gaps: Gaps | None = None
     importance: ImportanceDiagnostics | None = None
@@ -623,43 +631,54 @@ def diagnose(model, guide, *inputs: Tensor, points: Tensor | None = None,
     gaps = amortization_gaps(model, guide, *inputs, settings=settings)
     with torch.no_grad():
         if q is not None and reference.distribution is not None:
-            per_point["posterior_kl"] = posterior_kl(q, reference.distribution).double()
+            per_point["posterior_kl"] = posterior_kl(q, reference.distribution)
         elif gaps is not None:
-            per_point["posterior_kl"] = (gaps.log_likelihood - gaps.elbo).double()
-    per_point["khat"], per_point["ess"] = importance.khat, importance.ess.double()
+            per_point["posterior_kl"] = gaps.log_likelihood - gaps.elbo
+    per_point["khat"], per_point["ess"] = importance.khat, importance.ess
     if gaps is not None:
-        per_point.update(log_likelihood=gaps.log_likelihood.double(), elbo=gaps.elbo.double(),
-                         optimal_elbo=gaps.optimal_elbo.double(),
-                         approximation_gap=gaps.approximation.double(),
-                         amortization_gap=gaps.amortization.double())
+        per_point.update(log_likelihood=gaps.log_likelihood, elbo=gaps.elbo,
+                         optimal_elbo=gaps.optimal_elbo, approximation_gap=gaps.approximation,
+                         amortization_gap=gaps.amortization)
+    per_point = _as_reported(per_point)
 
-    summary = _summarize(per_point, importance, calibration, num_draws=draws.z.shape[0])
+    summary = summarize(per_point, importance, calibration, num_draws=draws.z.shape[0])
     idata = to_inference_data(model, inputs, points, draws, reference, per_point,
                               num_chains=settings.num_chains)
     return Diagnostics(idata, per_point, summary, calibration, gaps, importance)
 
 
-def _summarize(per_point: dict[str, Tensor], importance: ImportanceDiagnostics | None,
-               calibration: Calibration | None, *, num_draws: int) -> dict[str, float | int]:
+def _as_reported(per_point: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per-point metrics as they are stored and summarized: float64, on the CPU."""
+    return {name: value.detach().double().cpu() for name, value in per_point.items()}
+
+
+def summarize(per_point: dict[str, Tensor], importance: ImportanceDiagnostics | None,
+              calibration: Calibration | None, *, num_draws: int
+              ) -> dict[str, float | int | None]:
     """Means over points of the per-point metrics (over the points where they apply), and the
-    k-hat, ESS and SBC aggregates."""
-    summary: dict[str, float | int] = {"num_points": len(next(iter(per_point.values())))}
+    k-hat, ESS and SBC aggregates, as valid JSON: k-hat aggregates leave out the exact points
+    (``khat_exact``) and those without a fitted tail (``khat_unfitted``), and any other number
+    that is not finite (an infinite KL, say) is None, which JSON writes as null."""
+    summary: dict[str, float | int | None] = {"num_points": len(next(iter(per_point.values())))}
     for name in ("posterior_kl", "mean_error", "sd_error", "wasserstein", "log_likelihood",
                  "elbo", "approximation_gap", "amortization_gap"):
         values = per_point.get(name)
         if values is not None and not values.isnan().all():
             summary[name] = values.nanmean().item()
     if importance is not None:
-        inexact = importance.khat[~importance.exact]
-        if inexact.numel():
-            summary["khat_max"] = inexact.max().item()
-            summary["khat_mean"] = inexact.mean().item()
+        unfitted = ~importance.exact & importance.khat.isinf()
+        fitted = importance.khat[~importance.exact & ~unfitted]
+        if fitted.numel():
+            summary["khat_max"] = fitted.max().item()
+            summary["khat_mean"] = fitted.mean().item()
         summary["khat_exact"] = int(importance.exact.sum())
+        summary["khat_unfitted"] = int(unfitted.sum())
         summary["ess_mean"] = importance.ess.mean().item()
         summary["num_draws"] = num_draws
     if calibration is not None:
         summary["sbc_pvalue"] = calibration.pvalue
-    return summary
+    return {name: None if isinstance(value, float) and not math.isfinite(value) else value
+            for name, value in summary.items()}
 
 
 def _diagnose_mixture(model, guide, *inputs: Tensor, points: Tensor,
@@ -685,12 +704,13 @@ def _diagnose_mixture(model, guide, *inputs: Tensor, points: Tensor,
             log_joint = exact.log_prob(z_q) + log_px.to(log_q)
             per_point.update(log_likelihood=log_px, elbo=log_px - kl, optimal_elbo=log_px,
                              approximation_gap=torch.zeros_like(kl), amortization_gap=kl)
+    per_point = _as_reported(per_point)
     if log_joint is None:
         log_joint = torch.full_like(log_q, math.nan)
     draws = GuideDraws(z_q, log_joint, log_q)
     reference = Reference(z_p.reshape(C, S, -1), torch.arange(len(points)), "closed form",
                           distribution=exact)
-    summary = _summarize(per_point, None, None, num_draws=C * S)
+    summary = summarize(per_point, None, None, num_draws=C * S)
     gaps = (Gaps(per_point["log_likelihood"], per_point["elbo"], per_point["optimal_elbo"],
                  exact=True) if "log_likelihood" in per_point else None)
     idata = to_inference_data(model, inputs, points, draws, reference, per_point, num_chains=C)
@@ -721,7 +741,7 @@ def to_inference_data(model, inputs: Sequence[Tensor], points: Tensor, draws: Gu
                       reference: Reference, per_point: dict[str, Tensor], *,
                       num_chains: int) -> az.InferenceData:
     """The InferenceData described in the module docstring."""
-    obs = points.numpy()
+    obs = points.cpu().numpy()
     z = _chains(draws.z, num_chains)
     latent_dims = ["obs", "latent"] if z.ndim == 4 else ["obs"]
     coords = {"obs": obs, "latent": np.arange(z.shape[3])} if z.ndim == 4 else {"obs": obs}
@@ -730,7 +750,7 @@ def to_inference_data(model, inputs: Sequence[Tensor], points: Tensor, draws: Gu
                   for name, value in _global_parameters(model).items()}
     posterior = az.dict_to_dataset({LATENT: z, **parameters}, library=pyro,
                                    coords=coords, dims={LATENT: latent_dims})
-    reference_coords = {**coords, "obs": obs[reference.points.numpy()]}
+    reference_coords = {**coords, "obs": obs[reference.points.cpu().numpy()]}
     reference_posterior = az.dict_to_dataset(
         {LATENT: reference.z.cpu().numpy()}, library=pyro, coords=reference_coords,
         dims={LATENT: latent_dims}, attrs={"method": reference.method, **reference.stats})
@@ -743,7 +763,7 @@ def to_inference_data(model, inputs: Sequence[Tensor], points: Tensor, draws: Gu
                    "log_q": _chains(draws.log_q, num_chains)},
                   library=pyro, coords={"obs": obs}, dims={"log_joint": ["obs"],
                                                            "log_q": ["obs"]}),
-              "metrics": xr.Dataset({name: ("obs", value.numpy())
+              "metrics": xr.Dataset({name: ("obs", value.cpu().numpy())
                                      for name, value in per_point.items()},
                                     coords={"obs": obs})}
     if len(inputs) > 1:
@@ -821,8 +841,8 @@ def plot_forest(idata: az.InferenceData, path: str | Path, *, max_points: int = 
 def plot_khat(khat: Tensor, exact: Tensor, obs: np.ndarray, path: str | Path) -> Path:
     """PSIS k-hat per point with ArviZ's ``plot_khat`` and the 0.5 / 0.7 thresholds; points
     whose weights are all equal (exact q) have no tail and are listed in the title instead."""
-    values = khat.numpy().copy()
-    values[exact.numpy()] = np.nan
+    values = khat.cpu().numpy().copy()
+    values[exact.cpu().numpy()] = np.nan
     pareto_k = xr.DataArray(values, dims=["obs"], coords={"obs": obs})
     figure = Figure(figsize=(6, 3.5))
     ax = figure.subplots()
@@ -839,7 +859,7 @@ def plot_khat(khat: Tensor, exact: Tensor, obs: np.ndarray, path: str | Path) ->
 def plot_ranks(calibration: Calibration, path: str | Path, *, max_dims: int = 8) -> Path:
     """SBC rank histograms per latent dimension, with the expected count and the band that
     holds 99% of the counts of a uniform rank (normal approximation to the binomial)."""
-    counts = calibration.counts[:, :max_dims].double()
+    counts = calibration.counts[:, :max_dims].double().cpu()
     B, M = counts.shape
     R = calibration.ranks.shape[0]
     expected = R / B
@@ -861,8 +881,8 @@ def plot_gaps(gaps: Gaps, obs: np.ndarray, path: str | Path) -> Path:
     figure = Figure(figsize=(max(4, 0.35 * len(obs) + 2), 3.5))
     ax = figure.subplots()
     position = np.arange(len(obs))
-    approximation = gaps.approximation.double().numpy()
-    amortization = gaps.amortization.double().numpy()
+    approximation = gaps.approximation.double().cpu().numpy()
+    amortization = gaps.amortization.double().cpu().numpy()
     ax.bar(position, approximation, color="tab:blue", label="approximation gap")
     ax.bar(position, amortization, bottom=approximation, color="tab:orange",
            label="amortization gap")
@@ -909,8 +929,10 @@ NOTES = (
     "KL, mean and sd errors and the Wasserstein distance compare q(z|x) with the reference "
     "posterior per point (means over points here; per point in summary.csv).",
     "PSIS k-hat < 0.5: q is a good importance proposal for p; 0.5-0.7 usable; > 0.7 unreliable "
-    "(q misses posterior mass). Points whose weights are all equal have an exact q; k-hat "
-    "measures the shape of the weights' tail, not its size, so read it with the ESS.",
+    "(q misses posterior mass). Points whose weights are all equal have an exact q; points "
+    "with fewer than five weights above the tail's cutoff have no fitted tail (khat_unfitted) "
+    "and are left out of khat_max and khat_mean. k-hat measures the shape of the weights' "
+    "tail, not its size, so read it with the ESS.",
     "SBC: the p-value of a chi-square test that the ranks of prior draws among guide draws are "
     "uniform (Bonferroni over latent dimensions); small values mean q is miscalibrated.",
     "log p(x) - ELBO = approximation gap (best member of the family for that x) + amortization "
@@ -919,7 +941,8 @@ NOTES = (
 
 
 def diagnose_run(run_dir: str | os.PathLike, *, num_points: int = 20,
-                 settings: DiagnosticSettings = DiagnosticSettings()) -> dict[str, float | int]:
+                 settings: DiagnosticSettings = DiagnosticSettings()
+                 ) -> dict[str, float | int | None]:
     """Diagnose a trained run on its first ``num_points`` test points (training points without
     a test split) and write ``diagnostics.nc``, ``summary.csv``, the figures and ``report.html``
     into the run folder. Returns the aggregate summary (see :class:`Diagnostics`)."""
@@ -948,7 +971,8 @@ def diagnose_run(run_dir: str | os.PathLike, *, num_points: int = 20,
         title=f"diagnostics: {config['model']} with the {config['guide']} guide",
         description=f"q(z|x) against the {diagnostics.idata.reference_posterior.attrs['method']} "
                     f"posterior on {len(obs)} {split} points",
-        metrics={"mean over points": diagnostics.summary},
+        metrics={"mean over points": {name: value for name, value in diagnostics.summary.items()
+                                      if value is not None}},
         figures=figures, notes=[*NOTES, *_run_notes(diagnostics),
                                 f"{seconds:.1f} s; draws and per-point metrics in {NETCDF} "
                                 f"and {SUMMARY}."])])
@@ -968,6 +992,9 @@ def _run_notes(diagnostics: Diagnostics) -> list[str]:
         notes.append("log p(x) is importance-sampled (the larger of the estimates with q and "
                      "q* as proposals); importance sampling underestimates log p(x) on average, "
                      "so the approximation gap tends to be underestimated.")
+    infinite = [name for name, value in diagnostics.summary.items() if value is None]
+    if infinite:
+        notes.append(f"Not finite, so left out of the table: {', '.join(infinite)}.")
     return notes
 
 

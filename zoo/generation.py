@@ -64,14 +64,19 @@ def _labelled(experiment: Experiment) -> bool:
     return experiment.entry.labels
 
 
+def _device(experiment: Experiment) -> torch.device:
+    """Where the model's parameters are: the figures' tensors are made there."""
+    return next(experiment.model.parameters()).device
+
+
 def _images(experiment: Experiment) -> tuple[Tensor, Tensor | None]:
     """The test images ``x: [N, D]`` as the model sees them (binarized with a fixed seed for a
-    binary model) and their labels ``[N]`` (None without labels); the training images when
-    there is no test split."""
+    binary model) and their labels ``[N]`` (None without labels), on the model's device; the
+    training images when there is no test split."""
     inputs = experiment.inputs("test") or experiment.inputs("train")
-    x = inputs[0]
     y = experiment.data.y_test if experiment.data.x_test is not None else experiment.data.y_train
-    return x, y
+    device = _device(experiment)
+    return inputs[0].to(device), None if y is None else y.to(device)
 
 
 def encode(experiment: Experiment, x: Tensor, y: Tensor | None = None) -> Tensor:
@@ -146,7 +151,7 @@ def _square(images: Tensor) -> Tensor:
     n = images.shape[0]
     C = math.ceil(math.sqrt(n))
     R = math.ceil(n / C)
-    padded = torch.full((R * C, *images.shape[1:]), 0.5)
+    padded = images.new_full((R * C, *images.shape[1:]), 0.5)
     padded[:n] = images
     return padded.reshape(R, C, *images.shape[1:])
 
@@ -158,15 +163,15 @@ def plot_samples(experiment: Experiment, path: str | os.PathLike) -> Path:
     """Decoder means of z ~ N(0, I): an 8 x 8 grid (VAE); one row per style z and one column
     per label (CVAE)."""
     shape, M = _image_shape(experiment), experiment.model.latent_dim
-    name = experiment.entry.name
+    name, device = experiment.entry.name, _device(experiment)
     if not _labelled(experiment):
-        z = torch.randn(NUM_SAMPLES, M)
+        z = torch.randn(NUM_SAMPLES, M, device=device)
         images = _grid(decode(experiment, z).reshape(NUM_ROWS, -1, experiment.model.data_dim),
                        shape)
         return plot_image_grid(images, path, title=f"{name}: E[x | z], z ~ N(0, I)")
     C = experiment.model.num_classes
-    z = torch.randn(NUM_ROWS, 1, M).expand(NUM_ROWS, C, M)
-    y = torch.arange(C)
+    z = torch.randn(NUM_ROWS, 1, M, device=device).expand(NUM_ROWS, C, M)
+    y = torch.arange(C, device=device)
     images = _grid(decode(experiment, z, y), shape)
     return plot_image_grid(images, path, title=f"{name}: E[x | z, y], one z ~ N(0, I) per row",
                            column_labels=[str(label) for label in range(C)], xlabel="label y",
@@ -194,13 +199,18 @@ def plot_reconstructions(experiment: Experiment, path: str | os.PathLike,
 def slerp(z0: Tensor, z1: Tensor, t: Tensor) -> Tensor:
     """Spherical interpolation between ``z0, z1: [M]`` at ``t: [T]``, ``[T, M]``:
     sin((1 - t) omega) / sin(omega) z0 + sin(t omega) / sin(omega) z1 with omega the angle
-    between z0 and z1 (the linear path when they are parallel)."""
+    between z0 and z1.
+
+    The linear path (1 - t) z0 + t z1 when sin(omega) < sqrt(eps): codes pointing the same way
+    (where the two paths agree) or opposite ways (where no great circle is singled out), whose
+    angle, computed from its cosine, is known only to about sqrt(eps) anyway."""
     t = t[:, None]
     cosine = (z0 @ z1 / (z0.norm() * z1.norm()).clamp(min=1e-12)).clamp(-1, 1)
     omega = torch.arccos(cosine)
-    if omega < 1e-6:
+    sine = torch.sin(omega)
+    if sine.abs() < math.sqrt(torch.finfo(z0.dtype).eps):
         return (1 - t) * z0 + t * z1
-    return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
+    return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / sine
 
 
 def _two_images(experiment: Experiment) -> tuple[Tensor, Tensor | None]:
@@ -212,7 +222,8 @@ def _two_images(experiment: Experiment) -> tuple[Tensor, Tensor | None]:
     same = (y == y[0]).nonzero().flatten()
     other = (y != y[0]).nonzero().flatten()
     second = (same[1:] if _labelled(experiment) else other)[:1]
-    index = torch.cat([torch.zeros(1, dtype=torch.long), second if len(second) else same[1:2]])
+    first = torch.zeros(1, dtype=torch.long, device=y.device)
+    index = torch.cat([first, second if len(second) else same[1:2]])
     return x[index], y[index]
 
 
@@ -223,7 +234,7 @@ def plot_interpolation(experiment: Experiment, path: str | os.PathLike) -> Path:
     shape = _image_shape(experiment)
     x, y = _two_images(experiment)
     z0, z1 = encode(experiment, x, y)
-    t = torch.linspace(0, 1, INTERPOLATION_STEPS)
+    t = torch.linspace(0, 1, INTERPOLATION_STEPS, device=z0.device)
     paths = torch.stack([(1 - t[:, None]) * z0 + t[:, None] * z1, slerp(z0, z1, t)])  # [2, T, M]
     label = None if y is None else y[0].expand(INTERPOLATION_STEPS)
     decoded = decode(experiment, paths, label)                                       # [2, T, D]
@@ -237,7 +248,7 @@ def plot_interpolation(experiment: Experiment, path: str | os.PathLike) -> Path:
 
 def class_means(codes: Tensor, y: Tensor, num_classes: int) -> Tensor:
     """The mean code of each class, ``[C, M]`` (NaN rows for absent classes)."""
-    sums = torch.zeros(num_classes, codes.shape[1]).index_add_(0, y, codes)
+    sums = codes.new_zeros(num_classes, codes.shape[1]).index_add_(0, y, codes)
     counts = torch.bincount(y, minlength=num_classes)[:, None]
     return sums / counts
 
@@ -255,7 +266,7 @@ def plot_arithmetic(experiment: Experiment, path: str | os.PathLike,
     distances = torch.cdist(means, means).nan_to_num(-1.0)
     a, b = divmod(int(distances.argmax()), C)
     rows = (y == a).nonzero().flatten()[:num_rows]
-    t = torch.linspace(0, 1, ARITHMETIC_STEPS)
+    t = torch.linspace(0, 1, ARITHMETIC_STEPS, device=codes.device)
     z = codes[rows, None, :] + t[:, None] * (means[b] - means[a])      # [rows, T, M]
     images = _grid(torch.cat([x[rows, None, :], decode(experiment, z)], 1), shape)
     return plot_image_grid(images, path, column_labels=["x", *[f"{v:.2g}" for v in t.tolist()]],
@@ -271,8 +282,8 @@ def plot_manifold(experiment: Experiment, path: str | os.PathLike) -> Path:
         raise ZooError(f"the manifold figure decodes a grid over a 2-D latent space, and this "
                        f"run has M = {M} latent dimensions; train with --latent-dim 2, or use "
                        f"--kind latents")
-    u = torch.linspace(*MANIFOLD_QUANTILES, MANIFOLD_SIZE)
-    q = torch.distributions.Normal(0.0, 1.0).icdf(u)
+    u = torch.linspace(*MANIFOLD_QUANTILES, MANIFOLD_SIZE, device=_device(experiment))
+    q = torch.special.ndtri(u)
     z = torch.stack(torch.meshgrid(q.flip(0), q, indexing="ij"), -1)  # rows: z2 from high to low
     z = z.flip(-1)                                                     # z = (z1, z2)
     images = _grid(decode(experiment, z), shape)
@@ -305,8 +316,8 @@ def plot_latents(experiment: Experiment, path: str | os.PathLike) -> Path:
         points = torch.cat([points, torch.zeros_like(points)], 1)
     figure = Figure(figsize=(5.5, 4.5))
     axes = figure.subplots()
-    colors = None if y is None else y.numpy()
-    scatter = axes.scatter(*points.T.numpy(), c=colors, cmap="tab10", s=6, alpha=0.8,
+    colors = None if y is None else y.cpu().numpy()
+    scatter = axes.scatter(*points.T.cpu().numpy(), c=colors, cmap="tab10", s=6, alpha=0.8,
                            vmin=-0.5, vmax=9.5)
     if y is not None:
         figure.colorbar(scatter, ax=axes, ticks=range(10), label="label")
@@ -329,7 +340,7 @@ def plot_analogies(experiment: Experiment, path: str | os.PathLike, num_rows: in
     x, y = _images(experiment)
     x, y = x[:num_rows], y[:num_rows]
     z = encode(experiment, x, y)[:, None, :].expand(-1, C, -1)         # [rows, C, M]
-    decoded = decode(experiment, z, torch.arange(C))
+    decoded = decode(experiment, z, torch.arange(C, device=z.device))
     images = _grid(torch.cat([x[:, None, :], decoded], 1), shape)
     return plot_image_grid(images, path, column_labels=["x", *map(str, range(C))],
                            xlabel="label y", title=f"{experiment.entry.name}: the style of each "
@@ -360,13 +371,13 @@ def sample_labels(experiment: Experiment, num_samples: int, label: int | None) -
             raise ZooError(f"--label applies to label-conditioned models (cvae); {name} is "
                            f"unconditional: drop --label")
         return None
-    C = experiment.model.num_classes
+    C, device = experiment.model.num_classes, _device(experiment)
     if label is None:
-        return torch.arange(num_samples) % C
+        return torch.arange(num_samples, device=device) % C
     if not 0 <= label < C:
         raise ZooError(f"--label must be a class of {experiment.data.name}, from 0 to {C - 1}; "
                        f"got {label}")
-    return torch.full((num_samples,), label, dtype=torch.long)
+    return torch.full((num_samples,), label, dtype=torch.long, device=device)
 
 
 def sample(experiment: Experiment, num_samples: int = NUM_SAMPLES, label: int | None = None
@@ -376,7 +387,7 @@ def sample(experiment: Experiment, num_samples: int = NUM_SAMPLES, label: int | 
     if num_samples < 1:
         raise ZooError(f"--n must be at least 1; got {num_samples}")
     y = sample_labels(experiment, num_samples, label)
-    z = torch.randn(num_samples, experiment.model.latent_dim)
+    z = torch.randn(num_samples, experiment.model.latent_dim, device=_device(experiment))
     return decode(experiment, z, y)
 
 
@@ -405,7 +416,7 @@ def sample_run(run_dir: str | os.PathLike, *, num_samples: int = NUM_SAMPLES,
     shape = experiment.data.image_shape or (experiment.model.data_dim,)
     if path.suffix.lower() == ".npy":
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, means.reshape(num_samples, *shape).numpy())
+        np.save(path, means.reshape(num_samples, *shape).cpu().numpy())
         return path
     title = f"{experiment.entry.name}: E[x | z], z ~ N(0, I)"
     if label is not None:
