@@ -56,6 +56,12 @@ def test_chunks_combine_exactly(model_guide_x, max_elements):
     torch.testing.assert_close(estimate.ess, torch.full((30,), 64.0), atol=1e-2, rtol=0)
 
 
+def test_log_likelihood_needs_at_least_one_sample(model_guide_x):
+    model, guide, x = model_guide_x
+    with pytest.raises(ZooError, match="at least 1 sample"):
+        log_likelihood(model, guide, x, num_samples=0)
+
+
 def test_active_units():
     means = torch.stack([torch.linspace(-1, 1, 50), torch.full((50,), 0.3),
                          0.05 * torch.linspace(-1, 1, 50)], dim=1)

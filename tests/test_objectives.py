@@ -11,6 +11,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from zoo.errors import ZooError
@@ -61,6 +62,14 @@ def _assert_same_gradients(first, second):
     torch.testing.assert_close(first, second, rtol=1e-4, atol=1e-4)
 
 
+def _annealed(objective, kl_weight):
+    """``objective`` with the KL-annealing weight ``kl_weight``, as after that share of one epoch
+    of annealing."""
+    objective.anneal_epochs = 1.0
+    objective.set_progress(kl_weight)
+    return objective
+
+
 def _gradients(loss, module):
     """d loss / d parameters of ``module``, flattened into one vector."""
     grads = torch.autograd.grad(loss, list(module.parameters()), allow_unused=True,
@@ -99,9 +108,10 @@ def test_dreg_encoder_gradient_is_zero_for_every_draw_of_the_exact_posterior(mod
         assert _gradients(loss, guide).abs().max() < 1e-3
 
 
-@pytest.mark.parametrize("name", ["elbo", "iwae", "piwae"])
+@pytest.mark.parametrize("name", ["elbo", "iwae", "miwae", "ciwae", "piwae"])
 def test_encoder_gradient_of_the_exact_posterior_is_zero_in_expectation(model_and_x, name):
-    """Away from DReG the score term d log q / d phi stays in each draw: mean zero, not zero."""
+    """Away from DReG (zero for every draw, above) the score term d log q / d phi stays in each
+    draw: mean zero, not zero."""
     model, x = model_and_x
     guide = FullGuide.best_for(model)
     pyro.set_rng_seed(0)
@@ -216,24 +226,34 @@ def test_piwae_sends_the_l_mk_gradient_to_the_model_and_miwae_to_the_guide(model
     assert (_gradients(iwae, guide) - _gradients(miwae, guide)).abs().max() > 1e-2
 
 
-def test_dreg_gradients_by_hand(model_and_x):
+@pytest.mark.parametrize("kl_weight", [1.0, 0.3])
+def test_dreg_gradients_by_hand(model_and_x, kl_weight):
     """The model gets IWAE's gradient on the same draws; the guide gets
-    sum_k w~_k^2 d log w_k / d phi with q's parameters stopped inside log q."""
+    sum_k [(1 - beta) w~_k + beta w~_k^2] d log w_k / d phi with q's parameters stopped inside
+    log q, at the annealing weight beta (w~_k^2 at beta = 1)."""
     model, x = model_and_x
     guide = MeanFieldGuide.best_for(model)
     guide.scale = guide.scale * 1.7
     dreg, iwae, draws = _on_same_draws(
-        7, lambda: DReG(num_particles=10).differentiable_loss(model, guide, x),
-        lambda: IWAE(num_particles=10).differentiable_loss(model, guide, x),
+        7, lambda: _annealed(DReG(num_particles=10), kl_weight).differentiable_loss(
+            model, guide, x),
+        lambda: _annealed(IWAE(num_particles=10), kl_weight).differentiable_loss(
+            model, guide, x),
         lambda: draw(model, guide, x, num_particles=10, stop_guide_gradients=True))
     torch.testing.assert_close(dreg, iwae)
     _assert_same_gradients(_gradients(dreg, model), _gradients(iwae, model))
-    log_w = draws.log_weights()
-    by_hand = -(torch.softmax(log_w, 0).detach().square() * log_w).sum()
+    log_w = draws.log_weights(kl_weight)
+    normalized = torch.softmax(log_w, 0).detach()
+    weights = (1 - kl_weight) * normalized + kl_weight * normalized.square()
+    by_hand = -(weights * log_w).sum()
     _assert_same_gradients(_gradients(dreg, guide), _gradients(by_hand, guide))
 
 
-def test_dreg_encoder_gradient_is_iwae_in_expectation_with_less_variance(model_and_x):
+@pytest.mark.parametrize("kl_weight", [1.0, 0.3])
+def test_dreg_encoder_gradient_is_iwae_in_expectation_with_less_variance(model_and_x,
+                                                                         kl_weight):
+    """Equal means within 4.5 standard errors of their difference, over repeated draws; at the
+    annealing weight 0.3 too, where the weights are (1 - beta) w~_k + beta w~_k^2."""
     model, x = model_and_x
     guide = MeanFieldGuide.best_for(model)
     guide.scale = guide.scale * 1.3
@@ -241,6 +261,7 @@ def test_dreg_encoder_gradient_is_iwae_in_expectation_with_less_variance(model_a
     repeats = 400
     per_objective = {}
     for objective in (IWAE(num_particles=10), DReG(num_particles=10)):
+        objective = _annealed(objective, kl_weight)
         per_objective[type(objective).__name__] = torch.stack([
             _gradients(objective.differentiable_loss(model, guide, x[:8]), guide)
             for _ in range(repeats)])
@@ -311,6 +332,155 @@ def test_objectives_work_in_pyro_svi():
     pyro.clear_param_store()
 
 
+class _Decoder(torch.nn.Module):
+    """z_n ~ N(0, I_2), x_n | z_n ~ N(W z_n, I_3), with the data plate of ``size`` data points
+    subsampled to the B rows of ``x: [B, 3]`` (the first B): each site carries the scale
+    size / B."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.tensor([[1.0, 0.5], [-0.4, 1.2], [0.3, 0.8]]))
+
+    def forward(self, x, *, size):
+        with pyro.plate("data", size, subsample=torch.arange(len(x))):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ self.W.T, 1.0).to_event(1), obs=x)
+
+
+class _Encoder(torch.nn.Module):
+    """q(z_n | x_n) = N(A x_n + c, diag(s^2)) in the same subsampled data plate."""
+
+    def __init__(self):
+        super().__init__()
+        self.A = torch.nn.Parameter(torch.tensor([[0.4, -0.2, 0.1], [0.2, 0.5, 0.3]]))
+        self.c = torch.nn.Parameter(torch.tensor([0.1, -0.1]))
+        self.log_s = torch.nn.Parameter(torch.tensor([-0.6, -0.4]))
+
+    def forward(self, x, *, size):
+        with pyro.plate("data", size, subsample=torch.arange(len(x))):
+            pyro.sample("z", dist.Normal(x @ self.A.T + self.c, self.log_s.exp()).to_event(1))
+
+
+SUBSAMPLED_OBJECTIVES = {
+    **ALL_OBJECTIVES,
+    "elbo analytic-kl": lambda: ELBO(num_particles=6),
+    "elbo free-bits": lambda: ELBO(num_particles=6, free_bits=0.3),
+    "dreg annealed": lambda: _annealed(DReG(num_particles=6), 0.3),
+}
+
+
+def _subsampled_x():
+    """B = 8 rows, standing for 8 of N = 40 data points."""
+    return torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+
+
+def test_draws_of_a_subsampled_plate_are_per_point_and_unscaled():
+    """The weights of B = 8 of N = 40 points are those of the same 8 points without
+    subsampling, and IWAE is N / B times the sum of their per-point bounds."""
+    decoder, encoder, x = _Decoder(), _Encoder(), _subsampled_x()
+    draws, unscaled, iwae = _on_same_draws(
+        12, lambda: draw(decoder, encoder, x, num_particles=6, size=40),
+        lambda: draw(decoder, encoder, x, num_particles=6, size=8),
+        lambda: IWAE(num_particles=6).loss(decoder, encoder, x, size=40))
+    assert (draws.shape, draws.scale, unscaled.scale) == ((6, 8), 5.0, 1.0)
+    torch.testing.assert_close(draws.log_weights(), unscaled.log_weights(), rtol=0, atol=0)
+    per_point = torch.logsumexp(draws.log_weights(), 0) - math.log(6)
+    assert iwae == pytest.approx(-5 * per_point.sum().item(), rel=1e-6)
+
+
+def test_a_plate_that_draws_its_own_subsample_of_the_data():
+    """``pyro.plate("data", 40, subsample_size=8)`` over all 40 rows: the draws are those of the
+    8 rows the guide's plate picked (the model's plate replays them), at the scale 40 / 8."""
+    def model(x):
+        with pyro.plate("data", len(x), subsample_size=8) as rows:
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x[rows])
+
+    def guide(x):
+        with pyro.plate("data", len(x), subsample_size=8) as rows:
+            pyro.sample("z", dist.Normal(0.5 * x[rows], 0.7))
+
+    x = torch.linspace(-2.0, 2.0, 40)
+    draws, iwae = _on_same_draws(13, lambda: draw(model, guide, x, num_particles=3),
+                                 lambda: IWAE(num_particles=3).loss(model, guide, x))
+    assert (draws.shape, draws.scale) == ((3, 8), 5.0)
+    rows = draws.guide_trace.nodes["data"]["value"]
+    z = draws.guide_trace.nodes["z"]["value"]
+    by_hand = (dist.Normal(z, 1.0).log_prob(x[rows]) + dist.Normal(0.0, 1.0).log_prob(z)
+               - dist.Normal(0.5 * x[rows], 0.7).log_prob(z))
+    torch.testing.assert_close(draws.log_weights(), by_hand)
+    per_point = torch.logsumexp(by_hand, 0) - math.log(3)
+    assert iwae == pytest.approx(-5 * per_point.sum().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", SUBSAMPLED_OBJECTIVES)
+def test_a_subsampled_data_plate_scales_each_per_point_bound_as_a_whole(name):
+    """On the same draws, the loss and every gradient for B = 8 of N = 40 points are exactly
+    N / B = 5 times those of the same 8 points without subsampling. The plate's size reaches
+    model and guide as a keyword argument."""
+    decoder, encoder, x = _Decoder(), _Encoder(), _subsampled_x()
+    full, batch = _on_same_draws(
+        12, *(lambda size=size: SUBSAMPLED_OBJECTIVES[name]().differentiable_loss(
+            decoder, encoder, x, size=size) for size in (40, 8)))
+    torch.testing.assert_close(full, 5 * batch, rtol=1e-6, atol=0)
+    for module in (decoder, encoder):
+        torch.testing.assert_close(_gradients(full, module), 5 * _gradients(batch, module),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_sites_with_different_scales_are_refused():
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with poutine.scale(scale=2.0):
+                pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(0.5 * x, 0.8))
+
+    with pytest.raises(ZooError, match="one scale shared by every sample site"):
+        IWAE(num_particles=3).loss(model, guide, torch.zeros(4))
+
+
+def test_a_latent_site_that_the_guide_does_not_sample_is_refused():
+    """Like a mixture's assignment z left to enumeration: replayed, the model would draw it from
+    its prior and the weights would silently be those of another quantity."""
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(torch.tensor([0.3, 0.7])),
+                            infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(z.float(), 1.0), obs=x)
+
+    def guide(x):
+        pass
+
+    for objective in ALL_OBJECTIVES.values():
+        with pytest.raises(ZooError, match=r"latent site 'z'.*--loss enum.*--loss tracegraph"):
+            objective().loss(model, guide, torch.zeros(4))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_a_model_without_latent_sites_gives_log_p_x_on_the_data_device(device):
+    """No latent site: every weight is p(x), and the empty sums of log p(z), log q(z | x) and of
+    the closed-form KL start on the data's device."""
+    x = torch.linspace(-2.0, 2.0, 5, device=device)
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(torch.zeros((), device=device), 1.0), obs=x)
+
+    def guide(x):
+        pass
+
+    exact = dist.Normal(0.0, 1.0).log_prob(x.cpu()).sum()
+    for objective in (*ALL_OBJECTIVES.values(), lambda: ELBO(num_particles=2)):
+        loss = objective().differentiable_loss(model, guide, x)
+        assert loss.device == x.device
+        torch.testing.assert_close(-loss.cpu(), exact)
+
+
 def test_discrete_guides_are_refused_with_a_pointer_to_other_objectives():
     def model(x):
         with pyro.plate("data", x.shape[0]):
@@ -336,6 +506,10 @@ def test_discrete_guides_are_refused_with_a_pointer_to_other_objectives():
     ("elbo", {"num_groups": 2}, "--m does not apply"),
     ("elbo", {"free_bits": -1.0}, "at least 0"),
     ("dreg", {"anneal_epochs": -1.0}, "at least 0"),
+    ("elbo", {"free_bits": math.nan}, "--free-bits must be a finite number"),
+    ("iwae", {"anneal_epochs": math.nan}, "--anneal-epochs must be a finite number"),
+    ("ciwae", {"beta": math.nan}, "--beta must be a finite number"),
+    ("elbo", {"free_bits": math.inf}, "--free-bits must be a finite number"),
 ])
 def test_invalid_objective_settings_are_refused(name, options, message):
     with pytest.raises(ZooError, match=message):

@@ -50,6 +50,9 @@ def log_likelihood(model, guide, *data: torch.Tensor, num_samples: int = 1000,
     of an MNIST VAE near 1 GB whatever N and K); the chunks are combined exactly by
     log-sum-exp, so the result does not depend on the chunking.
     """
+    if num_samples < 1:
+        raise ZooError(f"the importance-sampled log-likelihood needs at least 1 sample per data "
+                       f"point (--particles of zoo evaluate); got num_samples = {num_samples}")
     num_data, point_size = data[0].shape[0], max(1, data[0][0].numel())
     pairs = max(1, max_elements // point_size)
     rows = max(1, min(num_data, pairs // num_samples))

@@ -2,8 +2,11 @@ r"""Training objectives: the ELBO and the importance-weighted family, all per da
 
 Every objective has Pyro's ELBO interface (``loss``, ``differentiable_loss``,
 ``loss_and_grads``), so it works in ``pyro.infer.SVI`` as well as in :func:`zoo.train.fit`.
-All of them return the loss *summed* over the data points they are given; the engine divides
-by the batch size to report nats per data point.
+All of them return the loss *summed* over the N data points of the data plate, times the scale
+that Pyro puts on the sample sites when the plate subsamples N of N_total data points
+(N_total / N under ``pyro.plate("data", N_total, subsample_size=N)``; 1 otherwise). The engine
+passes minibatches without subsampling and divides by the batch size to report nats per data
+point.
 
 The core quantity is the log importance weight of particle k for data point n,
 
@@ -22,11 +25,13 @@ for the normalized weights of data point n:
                (encoder) that of MIWAE(M, K)                          (Rainforth et al. 2018)
 - ``dreg``     value L_K; the model gets IWAE's gradient, the guide the doubly reparameterized
                sum_k w~_k^2 d log w_k / d z_k  d z_k / d phi, with q's parameters stopped
-               inside log q                                           (Tucker et al. 2018)
+               inside log q (under KL annealing with weight beta, the weights are
+               (1 - beta) w~_k + beta w~_k^2)                         (Tucker et al. 2018)
 
-Every bound is per data point: the log-mean-exp over particles is taken for each x_n and only
-then summed over the data. Pyro's ``RenyiELBO`` takes the log-mean-exp of the *summed* batch
-weights (pyro #3104), which is a different and looser quantity for local latent variables.
+Every bound is per data point: the log-mean-exp over particles is taken for each x_n (of the
+densities without the subsampling scale) and only then summed over the data and multiplied by
+the scale. Pyro's ``RenyiELBO`` takes the log-mean-exp of the *summed* batch weights
+(pyro #3104), which is a different and looser quantity for local latent variables.
 
 KL annealing (Bowman et al. 2016) multiplies the latent log-ratio log p(z) - log q(z | x) by a
 weight that ramps linearly from 0 to 1 over ``anneal_epochs`` (the engine reports progress
@@ -51,6 +56,7 @@ from functools import cached_property
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO as PyroELBO
 from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO
 from pyro.poutine.messenger import Messenger
@@ -77,38 +83,63 @@ particle, is far below float32 resolution."""
 
 @dataclass
 class Draws:
-    """K draws per data point from the guide, scored by model and guide; each term ``[K, N]``.
+    """K draws for each of the N data points of the data plate, scored by model and guide; each
+    term ``[K, N]``.
 
     ``log_likelihood`` sums the model's observed sites (log p(x | z)), ``log_prior`` its latent
-    sites (log p(z)), ``log_q`` the guide's sites (log q(z | x)). Each is computed when first
-    asked for, so an objective pays only for the densities it uses (the ELBO with a closed-form
-    KL never evaluates log p(z) or log q(z | x) at the draws). ``model_trace`` and
-    ``guide_trace`` are the Pyro traces, ``q_trace`` the trace that scores log q (the guide's, or
-    its replay with the parameters detached); ``routes`` the views of the draws the model was
-    replayed on, when gradients are to be routed.
+    sites (log p(z)), ``log_q`` the guide's sites (log q(z | x)), each per data point and without
+    the subsampling ``scale`` (N_total / N when the data plate subsamples N of N_total data
+    points, else 1), which :meth:`sum_over_data` applies to a bound as a whole. Each density is
+    computed when first asked for, so an objective pays only for the densities it uses (the
+    ELBO with a closed-form KL never evaluates log p(z) or log q(z | x) at the draws).
+    ``model_trace`` and ``guide_trace`` are the Pyro traces, ``q_trace`` the trace that scores
+    log q (the guide's, or its replay with the parameters detached); ``device`` the draws';
+    ``routes`` the views of the draws the model was replayed on, when gradients are to be routed.
     """
 
     model_trace: poutine.Trace
     guide_trace: poutine.Trace
     q_trace: poutine.Trace
     shape: tuple[int, int]
+    device: torch.device
+    scale: float = 1.0
     routes: list[tuple[Tensor, int]] = field(default_factory=list)
 
     @cached_property
     def log_likelihood(self) -> Tensor:
-        return _per_point(self.model_trace, True, self.shape)
+        return self._per_point(self.model_trace, True)
 
     @cached_property
     def log_prior(self) -> Tensor:
-        return _per_point(self.model_trace, False, self.shape)
+        return self._per_point(self.model_trace, False)
 
     @cached_property
     def log_q(self) -> Tensor:
-        return _per_point(self.q_trace, None, self.shape)
+        return self._per_point(self.q_trace, None)
 
     def log_weights(self, kl_weight: float = 1.0) -> Tensor:
         """log p(x | z) + kl_weight (log p(z) - log q(z | x)): the log weights at weight 1."""
         return self.log_likelihood + kl_weight * (self.log_prior - self.log_q)
+
+    def sum_over_data(self, bound: Tensor) -> Tensor:
+        """scale * sum_n bound_n: a per-data-point ``bound`` (``[N]``) summed over the data plate
+        and scaled up to the full data set when the plate subsamples it."""
+        return self.scale * bound.sum()
+
+    def _per_point(self, trace: poutine.Trace, observed: bool | None) -> Tensor:
+        """Sum of the log densities of a trace's sample sites, masked but not scaled, kept per
+        particle and data point (``[K, N]``); ``observed`` picks observed or latent sites (None:
+        all)."""
+        def wanted(name: str, site: dict) -> bool:
+            return not site_is_subsample(site) and (observed is None
+                                                    or site["is_observed"] == observed)
+
+        trace.compute_log_prob(wanted)
+        total = torch.zeros(self.shape, device=self.device)
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and wanted(name, site):
+                total = total + scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
+        return total
 
 
 def _sample_sites(trace: poutine.Trace) -> list[tuple[str, dict]]:
@@ -133,45 +164,65 @@ def _check_plates(trace: poutine.Trace) -> None:
             )
 
 
-def _per_point(trace: poutine.Trace, observed: bool | None, shape: tuple[int, int]) -> Tensor:
-    """Sum of the log densities of a trace's sample sites, kept per particle and data point
-    (``[K, N]``); ``observed`` picks observed or latent sites (None: all)."""
-    def wanted(name: str, site: dict) -> bool:
-        return not site_is_subsample(site) and (observed is None
-                                                or site["is_observed"] == observed)
+def _check_guide_samples_every_latent(model_trace: poutine.Trace,
+                                      guide_trace: poutine.Trace) -> None:
+    """A latent site of the model that the guide does not sample would be drawn from its prior
+    inside the model's replay, and its density left out of the weights: refuse it."""
+    guided = {name for name, _ in _latent_sites(guide_trace)}
+    for name, _ in _latent_sites(model_trace):
+        if name not in guided:
+            raise ZooError(
+                f"the model's latent site '{name}' is not sampled by the guide, so importance "
+                f"weights cannot account for it; use --loss enum (exact enumeration) or --loss "
+                f"tracegraph for such models, or a guide that samples '{name}'")
 
-    trace.compute_log_prob(wanted)
-    total = torch.zeros(shape)
-    for name, site in trace.nodes.items():
-        if site["type"] == "sample" and wanted(name, site):
-            total = total.to(site["log_prob"]) + site["log_prob"]
-    return total
+
+def _subsampling_scale(sites: list[tuple[str, dict]]) -> float:
+    """The one scale that Pyro puts on every sample site: N_total / N under
+    ``pyro.plate("data", N_total, subsample_size=N)``, times that of any ``poutine.scale``. A
+    bound per data point is a log-mean-exp over particles, so a scale can only multiply it as a
+    whole, and every site must carry the same one."""
+    sites_of_scale: dict[float, list[str]] = {}
+    for name, site in sites:
+        scale = site["scale"]
+        if isinstance(scale, Tensor):
+            if scale.numel() != 1:
+                raise ZooError(f"site '{name}' has a scale of shape {list(scale.shape)}; per-"
+                               f"data-point objectives take one number as the scale of all sites")
+            scale = scale.item()
+        sites_of_scale.setdefault(float(scale), []).append(name)
+    if len(sites_of_scale) > 1:
+        raise ZooError(
+            f"per-data-point objectives need one scale shared by every sample site of model and "
+            f"guide; the sites carry the scales {sites_of_scale}. Subsample or scale the data "
+            f"plate as a whole, in model and guide alike")
+    return next(iter(sites_of_scale), 1.0)
 
 
 def draw(model: Callable, guide: Callable, *args: Tensor, num_particles: int = 1,
-         stop_guide_gradients: bool = False, route: bool = False) -> Draws:
+         stop_guide_gradients: bool = False, route: bool = False, **kwargs) -> Draws:
     """Draw ``num_particles`` particles per data point from the guide and score them.
 
-    ``args`` are the model's inputs (tensors whose first dimension is N). The guide runs once
-    under a plate of K particles at dim -2 and the model is replayed against its draws, so
-    model and guide put their data plate (named ``"data"``) at dim -1. Gradients flow through
-    the reparameterized draws. ``stop_guide_gradients`` scores log q(z | x) with the guide's
+    ``args`` and ``kwargs`` are the inputs of model and guide. The guide runs once under a plate
+    of K particles at dim -2 and the model is replayed against its draws, so model and guide put
+    their data plate (named ``"data"``) at dim -1; its size N (the subsample's, when it
+    subsamples) and its scale are those of the draws. Gradients flow through the
+    reparameterized draws. ``stop_guide_gradients`` scores log q(z | x) with the guide's
     parameters detached (the draws z keep their gradient): the DReG form. ``route`` replays
     the model on views of the draws, listed in ``Draws.routes``, for :func:`_routed_surrogate`.
     """
     if num_particles < 1:
         raise ZooError(f"the number of particles must be at least 1; got {num_particles}")
-    shape = (num_particles, args[0].shape[0])
     # one particle needs no particle plate: the same draws, one batch dimension less to handle
     particles = (pyro.plate(PARTICLE_PLATE, num_particles, dim=-2) if num_particles > 1
                  else contextlib.nullcontext())
     with particles:
-        guide_trace = poutine.trace(guide).get_trace(*args)
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         _check_plates(guide_trace)
         _check_reparameterized(guide_trace)
         if stop_guide_gradients:
             stopped = poutine.replay(_with_parameters_detached(guide), trace=guide_trace)
-            q_trace = poutine.trace(stopped).get_trace(*args)
+            q_trace = poutine.trace(stopped).get_trace(*args, **kwargs)
         else:
             q_trace = guide_trace
         routes = []
@@ -181,10 +232,19 @@ def draw(model: Callable, guide: Callable, *args: Tensor, num_particles: int = 1
                 site = guide_trace.nodes[name] = dict(site)
                 site["value"] = site["value"].view_as(site["value"])
                 routes.append((site["value"], site["fn"].event_dim))
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)
+                                    ).get_trace(*args, **kwargs)
     _check_plates(model_trace)
+    _check_guide_samples_every_latent(model_trace, guide_trace)
+    sites = _sample_sites(model_trace) + _sample_sites(guide_trace)
+    if not sites:
+        raise ZooError(f"model and guide have no sample site; an objective needs at least the "
+                       f"observed data, as a sample site in the '{DATA_PLATE}' plate")
+    _, first = sites[0]
+    data_plate = next(frame for frame in first["cond_indep_stack"] if frame.name == DATA_PLATE)
     return Draws(model_trace=model_trace, guide_trace=guide_trace, q_trace=q_trace,
-                 shape=shape, routes=routes)
+                 shape=(num_particles, data_plate.size), device=first["value"].device,
+                 scale=_subsampling_scale(sites), routes=routes)
 
 
 class _DetachParams(Messenger):
@@ -200,7 +260,8 @@ def _with_parameters_detached(guide: Callable) -> Callable:
     ``torch.func.functional_call``) and ``pyro.param`` sites of Pyro's parameter store."""
     if isinstance(guide, torch.nn.Module):
         detached = {name: value.detach() for name, value in guide.named_parameters()}
-        return _DetachParams()(lambda *args: functional_call(guide, detached, args))
+        return _DetachParams()(
+            lambda *args, **kwargs: functional_call(guide, detached, args, kwargs))
     return _DetachParams()(guide)
 
 
@@ -251,7 +312,7 @@ def _closed_form_kl(q: Distribution, p: Distribution) -> Tensor | None:
 def latent_kl(draws: Draws) -> Tensor | None:
     """sum over latent sites of KL(q(z | x) || p(z)) in closed form, ``[K, N]`` (the same for
     every particle), or None when a site has no closed form or no prior of its own."""
-    total = torch.zeros(draws.shape)
+    total = torch.zeros(draws.shape, device=draws.device)
     for name, guide_site in _latent_sites(draws.guide_trace):
         model_site = draws.model_trace.nodes.get(name)
         if model_site is None:
@@ -259,14 +320,14 @@ def latent_kl(draws: Draws) -> Tensor | None:
         kl = _closed_form_kl(guide_site["fn"], model_site["fn"])
         if kl is None:
             return None
-        total = total.to(kl) + kl
+        total = total + kl
     return total
 
 
 def free_bits_kl(draws: Draws, free_bits: float) -> Tensor:
-    """sum_d max(lambda, mean_n KL_nd) for each latent site, times N (a scalar): the free-bits
-    KL term of a minibatch, with KL_nd = 1/2 (mu_nd^2 + s_nd^2 - 1 - log s_nd^2) the closed-form
-    KL of a factorized Gaussian q from a standard normal prior in dimension d."""
+    """sum_d max(lambda, mean_n KL_nd) summed over the latent sites (a scalar): the free-bits
+    KL term per data point of a minibatch, with KL_nd = 1/2 (mu_nd^2 + s_nd^2 - 1 - log s_nd^2)
+    the closed-form KL of a factorized Gaussian q from a standard normal prior in dimension d."""
     total = 0.0
     for name, guide_site in _latent_sites(draws.guide_trace):
         q, p = guide_site["fn"], draws.model_trace.nodes[name]["fn"]
@@ -279,7 +340,7 @@ def free_bits_kl(draws: Draws, free_bits: float) -> Tensor:
         kl = kl_divergence(q.base_dist, p.base_dist)  # [(K,) N, M], equal over particles
         kl = kl.reshape(*draws.shape, -1)  # [K, N, M]
         per_dimension = kl.mean(0).mean(0)
-        total = total + kl.shape[1] * per_dimension.clamp(min=free_bits).sum()
+        total = total + per_dimension.clamp(min=free_bits).sum()
     return total
 
 
@@ -298,11 +359,12 @@ def _routed_surrogate(draws: Draws, value: Tensor, decoder_weights: Tensor,
         - sum_kn a_kn d log w_kn / d theta   for the model's parameters theta,
         - sum_kn b_kn d log w_kn / d phi     for the guide's parameters phi,
 
-    with a = ``decoder_weights``, b = ``encoder_weights`` (``[K, N]``, treated as constants).
-    The model term a_kn log p(x_n, z'_kn) is evaluated on views z' of the draws whose incoming
-    gradient is multiplied by b_kn / a_kn, so the pathwise part reaching phi through z carries
-    b; the guide term b_kn log q(z_kn | x_n) carries b directly. One forward and one backward
-    pass, as for IWAE. Outside autograd the value alone is returned.
+    with a = ``decoder_weights``, b = ``encoder_weights`` (``[K, N]``, treated as constants),
+    times the subsampling scale of the draws. The model term a_kn log p(x_n, z'_kn) is
+    evaluated on views z' of the draws whose incoming gradient is multiplied by b_kn / a_kn, so
+    the pathwise part reaching phi through z carries b; the guide term b_kn log q(z_kn | x_n)
+    carries b directly. One forward and one backward pass, as for IWAE. Outside autograd the
+    value alone is returned.
     """
     if not torch.is_grad_enabled():
         return value
@@ -315,7 +377,7 @@ def _routed_surrogate(draws: Draws, value: Tensor, decoder_weights: Tensor,
             z.register_hook(lambda grad, factor=factor: grad * factor)
     model_term = (a * (draws.log_likelihood + kl_weight * draws.log_prior)).sum()
     guide_term = (b * kl_weight * draws.log_q).sum()
-    surrogate = -(model_term - guide_term)
+    surrogate = -draws.scale * (model_term - guide_term)
     return value.detach() + surrogate - surrogate.detach()
 
 
@@ -375,14 +437,14 @@ class ELBO(Objective):
         self.free_bits = free_bits
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
-        draws = draw(model, guide, *args, num_particles=self.num_particles)
+        draws = draw(model, guide, *args, num_particles=self.num_particles, **kwargs)
         if self.free_bits > 0:
-            return -(draws.log_likelihood.mean(0).sum()
-                     - self.kl_weight * free_bits_kl(draws, self.free_bits))
+            return -draws.sum_over_data(draws.log_likelihood.mean(0)
+                                        - self.kl_weight * free_bits_kl(draws, self.free_bits))
         kl = latent_kl(draws) if self.analytic_kl else None
         if kl is None:
-            return -draws.log_weights(self.kl_weight).mean(0).sum()
-        return -(draws.log_likelihood - self.kl_weight * kl).mean(0).sum()
+            return -draws.sum_over_data(draws.log_weights(self.kl_weight).mean(0))
+        return -draws.sum_over_data((draws.log_likelihood - self.kl_weight * kl).mean(0))
 
 
 class IWAE(Objective):
@@ -396,8 +458,8 @@ class IWAE(Objective):
     """
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
-        draws = draw(model, guide, *args, num_particles=self.num_particles)
-        return -_log_mean_exp(draws.log_weights(self.kl_weight)).sum()
+        draws = draw(model, guide, *args, num_particles=self.num_particles, **kwargs)
+        return -draws.sum_over_data(_log_mean_exp(draws.log_weights(self.kl_weight)))
 
 
 class _Grouped(Objective):
@@ -421,9 +483,9 @@ class MIWAE(_Grouped):
     """
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
-        draws = draw(model, guide, *args, num_particles=self.num_particles)
+        draws = draw(model, guide, *args, num_particles=self.num_particles, **kwargs)
         log_w = self._grouped(draws.log_weights(self.kl_weight))
-        return -_log_mean_exp(log_w, 1).mean(0).sum()
+        return -draws.sum_over_data(_log_mean_exp(log_w, 1).mean(0))
 
 
 class CIWAE(Objective):
@@ -440,9 +502,10 @@ class CIWAE(Objective):
         self.beta = beta
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
-        draws = draw(model, guide, *args, num_particles=self.num_particles)
+        draws = draw(model, guide, *args, num_particles=self.num_particles, **kwargs)
         log_w = draws.log_weights(self.kl_weight)
-        return -(self.beta * log_w.mean(0) + (1 - self.beta) * _log_mean_exp(log_w)).sum()
+        return -draws.sum_over_data(self.beta * log_w.mean(0)
+                                    + (1 - self.beta) * _log_mean_exp(log_w))
 
 
 class PIWAE(_Grouped):
@@ -455,9 +518,10 @@ class PIWAE(_Grouped):
     """
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
-        draws = draw(model, guide, *args, num_particles=self.num_particles, route=True)
+        draws = draw(model, guide, *args, num_particles=self.num_particles, route=True,
+                     **kwargs)
         log_w = draws.log_weights(self.kl_weight)
-        value = -_log_mean_exp(log_w).sum()
+        value = -draws.sum_over_data(_log_mean_exp(log_w))
         decoder_weights = torch.softmax(log_w, 0)
         encoder_weights = (torch.softmax(self._grouped(log_w), 1) / self.num_groups
                            ).reshape(log_w.shape)
@@ -467,21 +531,28 @@ class PIWAE(_Grouped):
 class DReG(Objective):
     """IWAE with the doubly reparameterized encoder gradient of Tucker et al. (2018):
 
-        grad_phi = sum_k w~_k^2  d log w_k / d z_k  d z_k / d phi,
+        grad_phi = sum_k [(1 - beta) w~_k + beta w~_k^2]  d log w_k / d z_k  d z_k / d phi,
 
-    where log w_k = log p(x, z_k) - log q(z_k | x) with q's parameters held fixed inside log q
-    (only the path through z_k = z(eps_k, phi) is differentiated). Unbiased for the gradient of
-    L_K, whose score-function term it removes, so its variance does not grow with K. The
+    where log w_k = log p(x | z_k) + beta (log p(z_k) - log q(z_k | x)) with q's parameters held
+    fixed inside log q (only the path through z_k = z(eps_k, phi) is differentiated), and beta
+    is the KL-annealing weight (``kl_weight``; 1 without annealing, where the weights are
+    w~_k^2). The gradient of L_K is the path term sum_k w~_k d log w_k / d z_k d z_k / d phi plus
+    the score term -beta sum_k w~_k d log q(z_k | x) / d phi; the reparameterization identity
+    E_q[f(z) d log q(z) / d phi] = E[d f / d z  d z / d phi], with f = w~_k and
+    d w~_k / d z_k = w~_k (1 - w~_k) d log w_k / d z_k, turns the score term into
+    -beta sum_k w~_k (1 - w~_k) d log w_k / d z_k d z_k / d phi, and the two add up to the
+    weights above. Unbiased, without the score term, so its variance does not grow with K. The
     model's parameters get IWAE's gradient sum_k w~_k d log w_k / d theta; the value is -L_K.
     """
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
         draws = draw(model, guide, *args, num_particles=self.num_particles,
-                     stop_guide_gradients=True, route=True)
+                     stop_guide_gradients=True, route=True, **kwargs)
         log_w = draws.log_weights(self.kl_weight)
-        value = -_log_mean_exp(log_w).sum()
+        value = -draws.sum_over_data(_log_mean_exp(log_w))
         weights = torch.softmax(log_w, 0)
-        return _routed_surrogate(draws, value, weights, weights.square(), self.kl_weight)
+        encoder_weights = (1 - self.kl_weight) * weights + self.kl_weight * weights.square()
+        return _routed_surrogate(draws, value, weights, encoder_weights, self.kl_weight)
 
 
 class _EnumeratedELBO(TraceEnum_ELBO):
@@ -545,11 +616,13 @@ def make_objective(name: str, num_particles: int = 1, **options) -> Objective | 
         raise ZooError(f"unknown objective '{name}'; choose one of: {', '.join(OBJECTIVES)}")
     if num_particles < 1:
         raise ZooError(f"--particles must be at least 1; got {num_particles}")
-    for option in options:
+    for option, value in options.items():
         if option not in _OPTIONS_OF[name]:
             users = [objective for objective, known in _OPTIONS_OF.items() if option in known]
             raise ZooError(f"{_OPTION_FLAGS.get(option, option)} does not apply to --loss {name}"
                            f" (it applies to: {', '.join(users) or 'none'})")
+        if not math.isfinite(value):
+            raise ZooError(f"{_OPTION_FLAGS[option]} must be a finite number; got {value}")
     num_groups = options.get("num_groups", 1)
     if num_groups < 1 or num_particles % num_groups:
         raise ZooError(f"--m {num_groups} must be a positive divisor of --particles "
