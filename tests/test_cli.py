@@ -141,11 +141,19 @@ def test_objective_flags_reach_the_run(tmp_path, capsys, loss_flags):
     (["--loss", "iwae", "--m", "2"], "--m does not apply to --loss iwae"),
     (["--loss", "elbo", "--free-bits", "0.5", "--guide", "full"], "factorized Gaussian guide"),
     (["--loss", "elbow"], "unknown objective 'elbow'"),
+    (["--loss", "dreg", "--particles", "4", "--jit"], "DReG cannot be traced: drop --jit"),
 ])
 def test_invalid_objectives_are_refused_before_training(tmp_path, capsys, flags, message):
     run = tmp_path / "run"
     _fails_with(capsys, ["train", "ppca", "--out", str(run), *flags, *TINY], message)
     assert not run.exists()
+
+
+def test_jit_training_is_recorded_in_the_run(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "ppca", "--jit", "--loss", "iwae", "--particles", "4", "--out",
+                 str(run), *TINY]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["jit"] is True
 
 
 def test_freezing_a_model_whose_guide_has_no_parameters_is_refused(tmp_path, capsys):

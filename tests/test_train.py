@@ -218,3 +218,72 @@ def test_binary_models_see_fresh_training_draws_and_one_fixed_test_binarization(
     test_once, test_again = experiment.inputs("test")[0], experiment.inputs("test")[0]
     assert set(test_once.unique().tolist()) == {0.0, 1.0}
     assert torch.equal(test_once, test_again)
+
+
+def _vae_experiment(**train):
+    from zoo.experiment import make_config
+
+    config = make_config("vae", data={"name": "digits"},
+                         train={"epochs": 2, "batch_size": 50, **train})
+    return config, build_experiment(config, quiet=True)
+
+
+@pytest.mark.parametrize("name, options", [("elbo", {}), ("elbo", {"num_particles": 3}),
+                                           ("iwae", {"num_particles": 5}),
+                                           ("miwae", {"num_particles": 6, "num_groups": 2}),
+                                           ("ciwae", {"num_particles": 4, "beta": 0.3})])
+def test_traced_loss_has_the_values_and_gradients_of_the_eager_loss(name, options):
+    """Same seed, same draws: the recording replays the eager loss's operations, bit for bit,
+    for each batch shape it meets (a second size gets its own recording)."""
+    from zoo.objectives import make_objective, traced_loss
+
+    _, experiment = _vae_experiment()
+    model, guide = experiment.model, experiment.guide
+    objective = make_objective(name, **options)
+    traced = traced_loss(objective, model, guide)
+    parameters = [*model.parameters(), *guide.parameters()]
+    for size in (20, 7, 20):
+        x = experiment.inputs("test")[0][:size]
+        results = []
+        for loss in (traced, lambda *inputs: objective.differentiable_loss(model, guide, *inputs)):
+            torch.manual_seed(3)
+            value = loss(x)
+            results.append((value, torch.autograd.grad(value, parameters)))
+        (traced_value, traced_grads), (eager_value, eager_grads) = results
+        assert torch.equal(traced_value, eager_value)
+        for traced_grad, eager_grad in zip(traced_grads, eager_grads, strict=True):
+            assert torch.equal(traced_grad, eager_grad)
+
+
+def test_training_with_jit_follows_eager_training_and_resumes_exactly(tmp_path):
+    """--jit trains bitwise the parameters of eager training (the recording replays the same
+    operations, and tracing draws from a forked stream, so the training draws are the same),
+    and a jit run stopped after an epoch and resumed ends bitwise where the uninterrupted jit
+    run ends."""
+    config, eager = _vae_experiment()
+    fit(eager.model, eager.guide, eager.objective, eager.train_inputs, settings=eager.settings,
+        transform=eager.train_transform)
+    jit_config, traced = _vae_experiment(jit=True)
+    fit(traced.model, traced.guide, traced.objective, traced.train_inputs,
+        settings=traced.settings, transform=traced.train_transform)
+    _assert_bitwise_equal(_parameters(traced), _parameters(eager))
+    straight = train_run(jit_config, tmp_path / "straight", quiet=True)
+    jit_config["train"]["epochs"] = 1
+    stopped = train_run(jit_config, tmp_path / "stopped", quiet=True)
+    resume_run(stopped, epochs=2, quiet=True)
+    _assert_bitwise_equal(_parameters(load_run(straight)), _parameters(load_run(stopped)))
+
+
+@pytest.mark.parametrize("objective, message", [
+    ({"name": "dreg", "num_particles": 4}, "DReG cannot be traced"),
+    ({"name": "piwae", "num_particles": 4, "num_groups": 2}, "PIWAE cannot be traced"),
+    ({"name": "elbo", "anneal_epochs": 2.0}, "cannot anneal"),
+])
+def test_jit_refuses_objectives_it_cannot_trace(tmp_path, objective, message):
+    from zoo.experiment import make_config
+
+    config = make_config("vae", data={"name": "digits"}, objective=objective,
+                         train={"epochs": 1, "jit": True})
+    with pytest.raises(ZooError, match=message):
+        train_run(config, tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()

@@ -65,6 +65,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--device", help="cpu (default), cuda or auto")
     train.add_argument("--freeze-model", action="store_true", default=None,
                        help="train the guide alone, the model's parameters held fixed")
+    train.add_argument("--jit", action="store_true", default=None,
+                       help="trace the loss with torch.jit (elbo, iwae, miwae, ciwae without "
+                            "annealing): the same training, faster at small batches")
     out = parser.add_argument_group("output")
     out.add_argument("--out", metavar="DIR",
                      help="run folder (default runs/<model>-<dataset>-<time>)")
@@ -158,7 +161,7 @@ def _train(args: argparse.Namespace) -> None:
             train={"epochs": args.epochs, "steps": args.steps, "batch_size": args.batch_size,
                    "lr": args.lr, "optimizer": args.optimizer, "lr_schedule": args.lr_schedule,
                    "clip_norm": args.clip_norm, "seed": args.seed, "device": args.device,
-                   "freeze_model": args.freeze_model})
+                   "freeze_model": args.freeze_model, "jit": args.jit})
         run_dir = train_run(config, args.out, force=args.force, quiet=args.quiet)
     print(run_dir)
 

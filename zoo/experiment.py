@@ -25,7 +25,7 @@ from zoo import plots, runs
 from zoo.data import Data, binarize, load_data
 from zoo.errors import ZooError
 from zoo.evaluate import evaluate
-from zoo.objectives import make_objective
+from zoo.objectives import make_objective, traced_loss
 from zoo.registry import ModelEntry, build, get_model
 from zoo.train import (
     TrainSettings,
@@ -128,6 +128,8 @@ def build_experiment(config: dict[str, Any], *, quiet: bool = False) -> Experime
     objective = make_objective(**config["objective"])
     _check_objective(objective, model, guide, entry.inputs(data, "train"))
     trainable_parameters(model, guide, settings.freeze_model)
+    if settings.jit:
+        traced_loss(objective, model, guide)  # refuses objectives it cannot trace
     return Experiment(config, entry, data, model, guide, objective, settings)
 
 

@@ -27,6 +27,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
 from zoo.errors import ZooError
+from zoo.objectives import traced_loss
 from zoo.runs import CHECKPOINT, append_metrics, save_checkpoint, write_metrics
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -80,6 +82,10 @@ class TrainSettings:
     T, which lets stochastic gradients settle at the optimum instead of jittering around it.
     ``clip_norm`` clips the global gradient norm; ``device`` is ``cpu``, ``cuda`` or ``auto``.
     ``freeze_model`` trains the guide alone, with the model's parameters held where they are.
+    ``jit`` computes the loss by a recording of it per batch shape
+    (:func:`zoo.objectives.traced_loss`, made under the first step's argument checks): the same
+    values and gradients, without Pyro's Python work, for elbo, iwae, miwae and ciwae without KL
+    annealing.
     """
 
     epochs: int = 10
@@ -92,6 +98,7 @@ class TrainSettings:
     seed: int = 0
     device: str = "cpu"
     freeze_model: bool = False
+    jit: bool = False
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -206,6 +213,8 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
     train = tuple(tensor.to(device) for tensor in train)
     test = None if test is None else tuple(tensor.to(device) for tensor in test)
     parameters = trainable_parameters(model, guide, settings.freeze_model)
+    loss_of = (traced_loss(objective, model, guide) if settings.jit
+               else partial(objective.differentiable_loss, model, guide))
     model.requires_grad_(not settings.freeze_model)
     optimizer = make_optimizer(settings.optimizer, parameters, settings.lr)
 
@@ -246,7 +255,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
                     set_progress(step / steps_per_epoch)
                 size = batch[0].shape[0]
                 with pyro.validation_enabled(validate and step == first_step):
-                    loss = objective.differentiable_loss(model, guide, *batch) / size
+                    loss = loss_of(*batch) / size
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if not bool(torch.isfinite(loss)):
