@@ -6,14 +6,14 @@ with the KL in closed form, the default batch size (20) and Adam with learning r
 
 - ``zoo``: :func:`zoo.train.fit` with the registry's model and guide and the ``elbo``
   objective: Pyro traces of guide and model each step, the engine's finiteness checks.
-- ``zoo-no-validation``: the same with Pyro's distribution and poutine validation switched off
-  (``pyro.enable_validation(False)``, ``validate_poutine=False``), to show what validation
-  costs.
+- ``zoo-jit``: the same with ``--jit`` (``TrainSettings(jit=True)``): the loss recorded once per
+  batch shape by ``torch.jit.trace`` and replayed without Pyro's Python work
+  (:func:`zoo.objectives.traced_loss`); it trains bitwise the same parameters as ``zoo``.
 - ``plain``: the floor, a VAE written here in plain PyTorch with the same network, loss, batch
   size, binarization and optimizer (the engine's, :func:`zoo.train.make_optimizer`: Adam with
   torch's fused kernel), and no checks.
 
-The three alternate epoch by epoch (zoo, plain, zoo-no-validation, then the reverse order),
+The three alternate epoch by epoch (zoo, plain, zoo-jit, then the reverse order),
 so a change in the machine's load hits all of them alike; zoo continues from its checkpoint
 each epoch, as ``zoo train --resume`` does. Each row reports the median seconds per epoch, the
 ratio to ``plain`` (the target is at most 1.15) and the test ELBO on the seeded binarization
@@ -68,7 +68,7 @@ from zoo.train import TrainSettings, average_loss, fit, make_optimizer
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-CONFIGURATIONS = ("plain", "zoo", "zoo-no-validation", "pyro-tutorial")
+CONFIGURATIONS = ("plain", "zoo", "zoo-jit", "pyro-tutorial")
 TEST_PARTICLES = 10
 MEMORY_STEPS = 300
 TARGET_RATIO = 1.15
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = get_model("vae").train
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=1,
-                        help="epochs timed for each of zoo, plain and zoo-no-validation "
+                        help="epochs timed for each of zoo, plain and zoo-jit "
                              "(default: %(default)s)")
     parser.add_argument("--tutorial-epochs", type=int, default=None, metavar="E",
                         help="epochs of Pyro's tutorial configuration (default: --epochs; "
@@ -162,11 +162,6 @@ def tutorial_networks(data_dim: int) -> tuple[VAE, VAEGuide]:
             VAEGuide(data_dim, 50, hidden_dims=(400,), activation="softplus"))
 
 
-def set_validation(on: bool) -> None:
-    pyro.enable_validation(on)
-    pyro.settings.set(validate_poutine=on)
-
-
 # --- timing -----------------------------------------------------------------------------------
 
 def _timed(run: Callable[[], Any], device: torch.device) -> float:
@@ -179,13 +174,13 @@ def _timed(run: Callable[[], Any], device: torch.device) -> float:
 
 def compare(data: Data, args: argparse.Namespace, device: torch.device,
             work_dir: Path) -> dict[str, Any]:
-    """zoo, plain and zoo-no-validation, alternating epoch by epoch."""
+    """zoo, plain and zoo-jit, alternating epoch by epoch."""
     x = data.x_train.to(device)
     x_test = binarize(data.x_test, torch.Generator().manual_seed(1)).to(device)
     settings = TrainSettings(epochs=1, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              device=device.type, quiet=True)
     sides: dict[str, dict[str, Any]] = {}
-    for name in ("zoo", "zoo-no-validation"):
+    for name in ("zoo", "zoo-jit"):
         pyro.set_rng_seed(args.seed)
         model, guide = build(get_model("vae"), None, data, {})
         sides[name] = {"model": model, "guide": guide, "seconds": [],
@@ -199,22 +194,21 @@ def compare(data: Data, args: argparse.Namespace, device: torch.device,
     def zoo_epoch(side: dict[str, Any], epoch: int) -> Callable[[], Any]:
         checkpoint = runs.load_checkpoint(side["run_dir"]) if epoch > 0 else None
         return lambda: fit(side["model"], side["guide"], ELBO(), (x,),
-                           settings=replace(settings, epochs=epoch + 1),
+                           settings=replace(settings, epochs=epoch + 1,
+                                            jit=side is sides["zoo-jit"]),
                            run_dir=side["run_dir"], checkpoint=checkpoint,
                            transform=lambda inputs: (binarize(inputs[0]),))
 
-    order = ["zoo", "plain", "zoo-no-validation"]
+    order = ["zoo", "plain", "zoo-jit"]
     for epoch in range(args.epochs):
         for name in (order if epoch % 2 == 0 else order[::-1]):
             side = sides[name]
-            set_validation(name != "zoo-no-validation")
             if name == "plain":
                 run = lambda: plain_epoch(plain, plain_optimizer, x, args.batch_size)  # noqa: E731
             else:
                 run = zoo_epoch(side, epoch)
             side["seconds"].append(_timed(run, device))
             print(f"  epoch {epoch + 1} {name:18s} {side['seconds'][-1]:8.1f} s", flush=True)
-    set_validation(True)
 
     results = {}
     floor = statistics.median(sides["plain"]["seconds"])
@@ -258,9 +252,9 @@ def _train_steps(name: str, data: Data, args: argparse.Namespace, device: torch.
         plain_epoch(vae, make_optimizer("adam", [*vae.parameters()], args.lr), x, args.batch_size,
                     max_steps=steps)
         return
-    set_validation(name != "zoo-no-validation")
     settings = TrainSettings(steps=steps, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed, device=device.type, quiet=True)
+                             seed=args.seed, device=device.type, jit=name == "zoo-jit",
+                             quiet=True)
     if name == "pyro-tutorial":
         model, guide = tutorial_networks(data.data_dim)
         fit(model, guide, ELBO(analytic_kl=False), (x,),
