@@ -141,7 +141,7 @@ def test_objective_flags_reach_the_run(tmp_path, capsys, loss_flags):
     (["--loss", "iwae", "--m", "2"], "--m does not apply to --loss iwae"),
     (["--loss", "elbo", "--free-bits", "0.5", "--guide", "full"], "factorized Gaussian guide"),
     (["--loss", "elbow"], "unknown objective 'elbow'"),
-    (["--loss", "dreg", "--particles", "4", "--jit"], "DReG cannot be traced: drop --jit"),
+    (["--loss", "dreg", "--particles", "4", "--jit"], "dreg cannot be traced: drop --jit"),
 ])
 def test_invalid_objectives_are_refused_before_training(tmp_path, capsys, flags, message):
     run = tmp_path / "run"

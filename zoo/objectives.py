@@ -582,8 +582,12 @@ def traced_loss(objective: PyroELBO, model: torch.nn.Module, guide: torch.nn.Mod
     ``torch.compile``, which cannot yet compile Pyro's effect handlers.
     """
     if not isinstance(objective, Objective) or objective.routes_gradients:
-        raise ZooError("--jit traces the objectives elbo, iwae, miwae and ciwae; "
-                       f"{type(objective).__name__} cannot be traced: drop --jit")
+        name = ("enum" if isinstance(objective, TraceEnum_ELBO) else
+                "tracegraph" if isinstance(objective, TraceGraph_ELBO) else
+                next((name for name, factory in OBJECTIVES.items() if type(objective) is factory),
+                     type(objective).__name__))
+        raise ZooError(f"--jit traces the objectives elbo, iwae, miwae and ciwae; {name} "
+                       f"cannot be traced: drop --jit")
     if objective.anneal_epochs > 0:
         raise ZooError("--jit fixes the KL weight when it traces the objective, so it cannot "
                        "anneal it: drop --jit or --anneal-epochs")
