@@ -66,16 +66,29 @@ def test_resume_extends_a_finished_run(small_ppca_config, tmp_path):
     assert runs.read_config(run_dir)["train"]["epochs"] == 8
 
 
-class _NonFiniteAfter:
-    """An objective that returns nan from its ``bad_step``-th call on."""
+class _SabotagedAt:
+    """An objective whose loss is passed through ``sabotage(loss, model)`` at its
+    ``bad_step``-th call (and every later one with ``after``)."""
 
-    def __init__(self, objective, bad_step):
-        self.objective, self.bad_step, self.calls = objective, bad_step, 0
+    def __init__(self, objective, bad_step, sabotage, after=False):
+        self.objective, self.bad_step, self.sabotage, self.after = (objective, bad_step,
+                                                                    sabotage, after)
+        self.calls = 0
 
     def differentiable_loss(self, model, guide, *args):
         self.calls += 1
         loss = self.objective.differentiable_loss(model, guide, *args)
-        return loss * float("nan") if self.calls >= self.bad_step else loss
+        hit = self.calls >= self.bad_step if self.after else self.calls == self.bad_step
+        return self.sabotage(loss, model) if hit else loss
+
+
+def _nan_loss(loss, model):
+    return loss * float("nan")
+
+
+def _nan_gradient(loss, model):
+    zero = 0 * sum(parameter.sum() for parameter in model.parameters())
+    return loss + 0 * zero.sqrt()  # value + 0; gradient 0 * inf = nan
 
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
@@ -86,28 +99,14 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(
     steps_per_epoch = -(-experiment.data.num_train // 100)
     bad = 2 * steps_per_epoch + 5
     with pytest.raises(TrainingDiverged, match=rf"epoch 3, step 5 \(step {bad} overall\)"):
-        fit(experiment.model, experiment.guide, _NonFiniteAfter(experiment.objective, bad),
+        fit(experiment.model, experiment.guide,
+            _SabotagedAt(experiment.objective, bad, _nan_loss, after=True),
             experiment.train_inputs, settings=experiment.settings, run_dir=run_dir)
     checkpoint = runs.load_checkpoint(run_dir)
     assert checkpoint["step"] == 2 * steps_per_epoch
     assert len(runs.read_metrics(run_dir)) == 2
     assert all(torch.isfinite(value).all() for value in checkpoint["model"].values())
     assert not list(run_dir.glob("*.tmp"))
-
-
-class _NonFiniteGradientAt:
-    """An objective whose loss stays finite but whose gradient is nan at call ``bad_step``."""
-
-    def __init__(self, objective, bad_step):
-        self.objective, self.bad_step, self.calls = objective, bad_step, 0
-
-    def differentiable_loss(self, model, guide, *args):
-        self.calls += 1
-        loss = self.objective.differentiable_loss(model, guide, *args)
-        if self.calls != self.bad_step:
-            return loss
-        zero = 0 * sum(parameter.sum() for parameter in model.parameters())
-        return loss + 0 * zero.sqrt()  # value + 0; gradient 0 * inf = nan
 
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
@@ -124,7 +123,8 @@ def test_non_finite_gradient_stops_training_and_keeps_a_finite_checkpoint(
                if where == "mid-epoch" else rf"parameters are not finite after step {bad} "
                                             rf"\(the end of epoch 2\)")
     with pytest.raises(TrainingDiverged, match=message):
-        fit(experiment.model, experiment.guide, _NonFiniteGradientAt(experiment.objective, bad),
+        fit(experiment.model, experiment.guide,
+            _SabotagedAt(experiment.objective, bad, _nan_gradient),
             experiment.train_inputs, settings=experiment.settings, run_dir=run_dir)
     checkpoint = runs.load_checkpoint(run_dir)
     assert checkpoint["epoch"] == (2 if where == "mid-epoch" else 1)
