@@ -229,13 +229,13 @@ def evaluate_run(run_dir: str | os.PathLike, *, num_samples: int = 1000,
     experiment = load_run(run_dir)
     seed_everything(experiment.settings.seed)
     model, guide = experiment.model.to(where).eval(), experiment.guide.to(where).eval()
+    train_x = experiment.data.x_train.to(where)
     result = {}
     for split in splits:
         inputs = experiment.inputs(split)
         if inputs is not None:
             result[split] = evaluate(model, guide, *(tensor.to(where) for tensor in inputs),
-                                     num_samples=num_samples,
-                                     train_x=experiment.data.x_train.to(where))
+                                     num_samples=num_samples, train_x=train_x)
     return result
 
 

@@ -152,10 +152,10 @@ def _latent_sites(trace: poutine.Trace) -> list[tuple[str, dict]]:
     return [(name, site) for name, site in _sample_sites(trace) if not site["is_observed"]]
 
 
-def _check_plates(trace: poutine.Trace) -> None:
+def _check_plates(sites: list[tuple[str, dict]]) -> None:
     """Every sample site must sit inside the data plate (and no other but the particles'): a
     global latent variable has no per-data-point weight."""
-    for name, site in _sample_sites(trace):
+    for name, site in sites:
         plates = {frame.name for frame in site["cond_indep_stack"]}
         if DATA_PLATE not in plates or plates - {DATA_PLATE, PARTICLE_PLATE}:
             raise ZooError(
@@ -165,13 +165,13 @@ def _check_plates(trace: poutine.Trace) -> None:
             )
 
 
-def _check_guide_samples_every_latent(model_trace: poutine.Trace,
-                                      guide_trace: poutine.Trace) -> None:
+def _check_guide_samples_every_latent(model_sites: list[tuple[str, dict]],
+                                      guide_sites: list[tuple[str, dict]]) -> None:
     """A latent site of the model that the guide does not sample would be drawn from its prior
     inside the model's replay, and its density left out of the weights: refuse it."""
-    guided = {name for name, _ in _latent_sites(guide_trace)}
-    for name, _ in _latent_sites(model_trace):
-        if name not in guided:
+    guided = {name for name, site in guide_sites if not site["is_observed"]}
+    for name, site in model_sites:
+        if not site["is_observed"] and name not in guided:
             raise ZooError(
                 f"the model's latent site '{name}' is not sampled by the guide, so importance "
                 f"weights cannot account for it; use --loss enum (exact enumeration) or --loss "
@@ -219,8 +219,9 @@ def draw(model: Callable, guide: Callable, *args: Tensor, num_particles: int = 1
                  else contextlib.nullcontext())
     with particles:
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        _check_plates(guide_trace)
-        _check_reparameterized(guide_trace)
+        guide_sites = _sample_sites(guide_trace)
+        _check_plates(guide_sites)
+        _check_reparameterized(guide_sites)
         if stop_guide_gradients:
             stopped = poutine.replay(_with_parameters_detached(guide), trace=guide_trace)
             q_trace = poutine.trace(stopped).get_trace(*args, **kwargs)
@@ -235,9 +236,10 @@ def draw(model: Callable, guide: Callable, *args: Tensor, num_particles: int = 1
                 routes.append((site["value"], site["fn"].event_dim))
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)
                                     ).get_trace(*args, **kwargs)
-    _check_plates(model_trace)
-    _check_guide_samples_every_latent(model_trace, guide_trace)
-    sites = _sample_sites(model_trace) + _sample_sites(guide_trace)
+    model_sites = _sample_sites(model_trace)
+    _check_plates(model_sites)
+    _check_guide_samples_every_latent(model_sites, guide_sites)
+    sites = model_sites + guide_sites
     if not sites:
         raise ZooError(f"model and guide have no sample site; an objective needs at least the "
                        f"observed data, as a sample site in the '{DATA_PLATE}' plate")
@@ -266,13 +268,13 @@ def _with_parameters_detached(guide: Callable) -> Callable:
     return _DetachParams()(guide)
 
 
-def _check_reparameterized(guide_trace: poutine.Trace) -> None:
+def _check_reparameterized(guide_sites: list[tuple[str, dict]]) -> None:
     """Pathwise gradients need reparameterized draws; a discrete guide site would silently
     lose its score-function term."""
     if not torch.is_grad_enabled():
         return
-    for name, site in _latent_sites(guide_trace):
-        if not site["fn"].has_rsample:
+    for name, site in guide_sites:
+        if not site["is_observed"] and not site["fn"].has_rsample:
             raise ZooError(
                 f"guide site '{name}' ({type(site['fn']).__name__}) cannot be reparameterized, "
                 f"so this objective's gradient would be wrong; use --loss tracegraph (score "
