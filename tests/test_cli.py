@@ -225,3 +225,46 @@ def test_training_draws_the_models_own_figures(tmp_path, model, figures):
     run = tmp_path / "run"
     assert main(["train", model, "--steps", "20", "--quiet", "--out", str(run)]) == 0
     assert {path.name for path in (run / "figures").iterdir()} == figures
+
+
+def _zoo(*argv: str, **streams) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "zoo", *argv], stderr=subprocess.PIPE,
+                            text=True, **streams)
+
+
+def test_a_closed_stdout_ends_quietly():
+    """``zoo list | head -1``: the reader is gone before zoo writes; exit 0, nothing on stderr."""
+    process = _zoo("list", stdout=subprocess.PIPE)
+    process.stdout.close()
+    assert process.wait(timeout=120) == 0
+    assert process.stderr.read() == ""
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_stdout_is_one_line():
+    with open("/dev/full", "w") as full:
+        process = _zoo("list", stdout=full)
+        assert process.wait(timeout=120) == 1
+    lines = process.stderr.read().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zoo: error: cannot write the output: ")
+    assert "No space left on device" in lines[0]
+
+
+def test_list_aligns_every_name(capsys):
+    """Every description starts in the same column, however long the names, and no line runs
+    past the width."""
+    from zoo.cli import LIST_WIDTH
+    from zoo.data import DATASETS
+    from zoo.registry import MODELS
+
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith("  ") and line.split()[0] in
+            {*MODELS, *DATASETS}]
+    assert len(rows) == len(MODELS) + len(DATASETS)
+    starts = {len(line) - len(line[2:].lstrip(" ").split(" ", 1)[1].lstrip(" ")) for line in rows}
+    assert len(starts) == 1
+    column = starts.pop()
+    continued = [line for line in lines if line.startswith(" " * column)]
+    assert continued and all(not line[column - 1].strip() for line in continued)
+    assert max(map(len, lines)) <= LIST_WIDTH

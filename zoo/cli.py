@@ -7,12 +7,18 @@ stderr and exit with status 2; a diverged training run exits with 1; an interrup
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
+import textwrap
 import warnings
 from collections.abc import Sequence
 
 from zoo.errors import ZooError
+
+LIST_WIDTH = 100
+"""``zoo list`` wraps its descriptions at this many characters."""
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--label", type=int, metavar="Y", help="class to draw (cvae)")
     sample.add_argument("--out", metavar="FILE",
                         help=".png image grid or .npy array of decoder means "
-                             "(default RUN/figures/samples.png)")
+                             "(default: a new RUN/samples/samples-NNN.png)")
     plot = commands.add_parser("plot", help="draw one figure of a trained run")
     plot.add_argument("run", metavar="RUN", help="run folder")
     plot.add_argument("--kind", help="which figure (default: the model's first kind; the "
@@ -122,14 +128,21 @@ def _list() -> None:
     from zoo.objectives import OBJECTIVES
     from zoo.registry import MODELS
 
+    width = max(map(len, [*MODELS, *DATASETS])) + 2
+    indent = " " * (2 + width)
+
+    def row(name: str, text: str) -> str:
+        return textwrap.fill(text, LIST_WIDTH, initial_indent=f"  {name:{width}s}",
+                             subsequent_indent=indent, break_on_hyphens=False)
+
     print("models (guides, the default first; default data):")
     for entry in MODELS.values():
-        print(f"  {entry.name:14s} {', '.join(entry.guides)}; {entry.default_data}")
-        print(f"  {'':14s} {entry.description}")
+        print(row(entry.name, f"{', '.join(entry.guides)}; {entry.default_data}"))
+        print(row("", entry.description))
     print("objectives:\n  " + ", ".join(OBJECTIVES))
     print("data sets (or --data FILE for your own .csv/.npy table):")
     for name, description in DATASETS.items():
-        print(f"  {name:14s} {description}")
+        print(row(name, description))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -219,6 +232,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"zoo: warning: {message}", file=file or sys.stderr)
 
 
+def _close_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so that Python's own flush at exit, which would
+    fail again on a closed pipe or a full disk, has nowhere to fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
@@ -227,6 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         {"list": lambda _: _list(), "train": _train, "evaluate": _evaluate, "sample": _sample,
          "plot": _plot, "diagnose": _diagnose, "demo": _demo}[args.command](args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader of stdout has gone (zoo list | head -1): nothing more to say to anyone
+        _close_stdout()
+        return 0
     except TrainingDiverged as error:
         print(f"zoo: {error}", file=sys.stderr)
         return 1
@@ -241,4 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("zoo: interrupted; the checkpoint of the last finished epoch is kept "
               "(continue with zoo train --resume RUN)", file=sys.stderr)
         return 130
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        print(f"zoo: error: cannot write {error.filename or 'the output'}: {error.strerror}; "
+              f"free some space or write elsewhere", file=sys.stderr)
+        _close_stdout()
+        return 1
     return 0
