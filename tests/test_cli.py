@@ -174,7 +174,28 @@ def test_plot_draws_the_models_first_kind_by_default(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(gmm / "figures" / "components.png")
     assert (gmm / "figures" / "components.png").stat().st_size > 2000
     assert main(["train", "ppca", "--out", str(ppca), *TINY]) == 0
-    _fails_with(capsys, ["plot", str(ppca)], "has no figures for zoo plot")
+    capsys.readouterr()
+    assert main(["plot", str(ppca)]) == 0
+    assert capsys.readouterr().out.strip() == str(ppca / "figures" / "posterior.png")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["ppca", "expnormal", "vae", "cvae", "gmm"])
+def test_plot_offers_every_figure_training_draws(tmp_path, capsys, model):
+    """Each figure in a fresh run's figures/ is a kind of zoo plot, and the path printed is
+    the path written (``.png`` added to a name without a suffix)."""
+    run = tmp_path / "run"
+    options = ["--restarts", "1"] if model == "gmm" else []
+    assert main(["train", model, "--steps", "5", "--quiet", "--out", str(run), *options]) == 0
+    drawn = sorted(path.stem for path in (run / "figures").iterdir())
+    assert "loss" in drawn
+    for kind in drawn:
+        capsys.readouterr()
+        assert main(["plot", str(run), "--kind", kind, "--out", str(tmp_path / kind)]) == 0
+        printed = Path(capsys.readouterr().out.strip())
+        assert printed == tmp_path / f"{kind}.png" and printed.stat().st_size > 2000
+    _fails_with(capsys, ["plot", str(run), "--out", str(tmp_path / "figure.v2")],
+                "cannot draw a figure into figure.v2: choose a name ending in one of")
 
 
 def test_evaluate_a_vae_reports_its_bound_likelihood_and_active_units(tmp_path, capsys):

@@ -4,18 +4,37 @@ global state and no display needed), saves it to ``path`` and returns the path."
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
 from torch.distributions import kl_divergence
 
+from zoo.errors import ZooError
 
-def save_figure(figure: Figure, path: str | Path) -> Path:
-    """Write ``figure`` to ``path`` (creating its folder) and return the path."""
+
+def figure_path(path: str | os.PathLike) -> Path:
+    """The file a figure for ``path`` is written to: ``path`` itself when it names an image
+    format matplotlib writes, ``path`` with ``.png`` added when it has no suffix; any other
+    suffix is an error."""
     path = Path(path)
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise ZooError(f"cannot draw a figure into {path.name}: choose a name ending in one of "
+                       f"{', '.join('.' + name for name in sorted(formats))}")
+    return path
+
+
+def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
+    """Write ``figure`` to ``path`` (see :func:`figure_path`; creating its folder) and return
+    the path written."""
+    path = figure_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110, bbox_inches="tight")
     return path
