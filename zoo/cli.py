@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu",
                           help="cpu (default), cuda or auto: where to evaluate")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     sample = commands.add_parser("sample", help="draw new data from a trained generative model")
     sample.add_argument("run", metavar="RUN", help="run folder")
     sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
@@ -116,10 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--points", type=int, default=20, metavar="N",
                           help="test points to diagnose (default 20)")
     diagnose.add_argument("--json", action="store_true", help="print one JSON object")
+    diagnose.add_argument("--quiet", action="store_true", help="no progress bars")
     demo = commands.add_parser("demo", help="train every model briefly and write a report")
     demo.add_argument("--out", metavar="DIR", help="report folder (default reports/demo-<time>)")
     demo.add_argument("--force", action="store_true", help="overwrite an existing report")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--quick", action="store_true",
+                      help="a few steps per model and small diagnostics: checks that everything "
+                           "runs and shows the report in a minute or two, not what the models "
+                           "can do")
     return parser
 
 
@@ -184,7 +190,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     splits = ("train", "test") if args.split == "both" else (args.split,)
     result = evaluate_run(args.run, num_samples=args.particles, splits=splits,
-                          device=args.device)
+                          device=args.device, quiet=args.quiet)
     if not result:
         raise ZooError(f"run {args.run} has no {args.split} split to evaluate")
     if args.json:
@@ -214,7 +220,7 @@ def _plot(args: argparse.Namespace) -> None:
 def _diagnose(args: argparse.Namespace) -> None:
     from zoo.diagnostics import diagnose_run
 
-    summary = diagnose_run(args.run, num_points=args.points)
+    summary = diagnose_run(args.run, num_points=args.points, quiet=args.quiet)
     if args.json:
         print(json.dumps(summary))
         return
@@ -223,9 +229,10 @@ def _diagnose(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from zoo.demo import run_demo
+    from zoo.demo import DemoSettings, quick_settings, run_demo
 
-    print(run_demo(args.out, quiet=args.quiet, force=args.force))
+    settings = quick_settings() if args.quick else DemoSettings()
+    print(run_demo(args.out, quiet=args.quiet, force=args.force, settings=settings))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

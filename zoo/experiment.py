@@ -177,7 +177,8 @@ def _train(experiment: Experiment, run_dir: Path, checkpoint: dict[str, Any] | N
     history = fit(experiment.model, experiment.guide, experiment.objective,
                   experiment.train_inputs, test=experiment.test_inputs,
                   settings=experiment.settings, run_dir=run_dir, checkpoint=checkpoint,
-                  transform=experiment.train_transform)
+                  transform=experiment.train_transform,
+                  desc=f"training {experiment.entry.name} ({experiment.config['guide']} guide)")
     experiment.model.cpu(), experiment.guide.cpu()
     draw_figures(experiment, history, run_dir / runs.FIGURES)
 
@@ -249,11 +250,11 @@ def load_run(run_dir: str | os.PathLike) -> Experiment:
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, num_samples: int = 1000,
-                 splits: tuple[str, ...] = ("train", "test"), device: str = "cpu"
-                 ) -> dict[str, Any]:
+                 splits: tuple[str, ...] = ("train", "test"), device: str = "cpu",
+                 quiet: bool = False) -> dict[str, Any]:
     """Per-data-point metrics of a trained run, ``{"train": {...}, "test": {...}}`` (``test``
     only when the run has a test split; ``splits`` picks which), computed with a fixed seed on
-    ``device`` (``cpu``, ``cuda`` or ``auto``)."""
+    ``device`` (``cpu``, ``cuda`` or ``auto``), with a progress bar per split unless ``quiet``."""
     if num_samples < 1:
         raise ZooError(f"--particles must be at least 1; got {num_samples}")
     if not splits or set(splits) - {"train", "test"}:
@@ -268,7 +269,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, num_samples: int = 1000,
         inputs = experiment.inputs(split)
         if inputs is not None:
             result[split] = evaluate(model, guide, *(tensor.to(where) for tensor in inputs),
-                                     num_samples=num_samples, train_x=train_x)
+                                     num_samples=num_samples, train_x=train_x, quiet=quiet,
+                                     desc=f"evaluating the {split} split")
     return result
 
 

@@ -43,11 +43,25 @@ def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
 def plot_training(history: Sequence[dict[str, float]], path: str | Path, *,
                   reference: float | None = None, reference_label: str = "exact") -> Path:
     """Train and test loss (nats per data point) over epochs, with an optional horizontal
-    reference line (for example the negative closed-form maximum log-likelihood)."""
+    reference line (for example the negative closed-form maximum log-likelihood).
+
+    The x-axis counts epochs by steps, step / steps per epoch. A last epoch cut short by a
+    number of steps (``--steps``) averages its train loss over those few steps only, so it is
+    drawn as a hollow marker apart from the curve, not joined to it."""
     figure = Figure(figsize=(6, 3.5))
     axes = figure.subplots()
-    epochs = [row["epoch"] for row in history]
-    axes.plot(epochs, [row["train_loss"] for row in history], label="train")
+    steps = [row["step"] for row in history]
+    per_epoch = [after - before for before, after in zip([0, *steps[:-1]], steps, strict=True)]
+    full = max(per_epoch)
+    epochs = [step / full for step in steps]
+    train = [row["train_loss"] for row in history]
+    partial = len(history) > 1 and per_epoch[-1] < full
+    line = axes.plot(epochs[:-1] if partial else epochs, train[:-1] if partial else train,
+                     label="train")[0]
+    if partial:
+        axes.plot(epochs[-1:], train[-1:], linestyle="none", marker="o", fillstyle="none",
+                  color=line.get_color(),
+                  label=f"train, last epoch ({per_epoch[-1]} of {full} steps)")
     test = [row["test_loss"] for row in history]
     if any(value is not None and not math.isnan(value) for value in test):
         axes.plot(epochs, test, label="test")
