@@ -820,9 +820,10 @@ def _legible(ax) -> None:
     ax.title.set_size(TITLE_SIZE)
 
 
-def _bars(ax, q: np.ndarray, p: np.ndarray, p_label: str) -> None:
-    """Frequencies of the values of a discrete z: q's bars (red) beside the reference's."""
-    values = np.arange(max(q.max(), p.max()) + 1)
+def _bars(ax, q: np.ndarray, p: np.ndarray, p_label: str, num_values: int) -> None:
+    """Frequencies of the values 0, ..., ``num_values`` - 1 of a discrete z: q's bars (red)
+    beside the reference's."""
+    values = np.arange(num_values)
     for draws, offset, style, label in ((q, -0.2, Q_STYLE, "q(z|x)"), (p, 0.2, P_STYLE, p_label)):
         ax.bar(values + offset, np.bincount(draws, minlength=len(values)) / len(draws),
                width=0.4, label=label, **style)
@@ -836,21 +837,27 @@ def plot_marginals(idata: az.InferenceData, path: str | Path, *, max_points: int
                    max_dims: int = 3) -> Path:
     """Marginal densities of q(z_m | x_n) (red) over those of the reference (black), for the
     first few points (rows) and latent dimensions (columns), with ArviZ's ``plot_dist``; for a
-    discrete z, the two distributions' bars side by side."""
+    discrete z, the two distributions' bars side by side, one point beside the other."""
     reference = idata.reference_posterior[LATENT]
     method = idata.reference_posterior.attrs["method"]
     obs = reference.obs.values[:max_points]
     latent = reference.latent.values[:max_dims] if "latent" in reference.dims else [None]
-    figure = Figure(figsize=(3 * len(latent), 2.4 * len(obs)), layout="constrained")
-    axes = np.atleast_2d(figure.subplots(len(obs), len(latent), squeeze=False))
+    discrete = np.issubdtype(reference.dtype, np.integer)
+    num_values = (int(max(idata.posterior[LATENT].max(), reference.max())) + 1 if discrete
+                  else 0)
+    shape = (1, len(obs)) if discrete else (len(obs), len(latent))
+    figure = Figure(figsize=(3 * shape[1], 2.4 * shape[0] + 0.2), layout="constrained")
+    axes = figure.subplots(*shape, squeeze=False)
+    if discrete:              # the points side by side: axes[point, 0] as for a continuous z
+        axes = axes.T
     for row, n in enumerate(obs):
         for column, m in enumerate(latent):
             where = {"obs": n} if m is None else {"obs": n, "latent": m}
             ax = axes[row, column]
             q, p = (group[LATENT].sel(where).values.ravel()
                     for group in (idata.posterior, idata.reference_posterior))
-            if np.issubdtype(p.dtype, np.integer):
-                _bars(ax, q, p, method)
+            if discrete:
+                _bars(ax, q, p, method, num_values)
             else:
                 az.plot_dist(q, ax=ax, label="q(z|x)", **Q_STYLE)
                 az.plot_dist(p, ax=ax, label=method, **P_STYLE)
@@ -931,6 +938,7 @@ def plot_khat(khat: Tensor, exact: Tensor, obs: np.ndarray, path: str | Path) ->
     ax.axhline(KHAT_USABLE, color="tab:red", linestyle="--",
                label=f"{KHAT_USABLE}: unreliable above")
     ax.legend(fontsize="small")
+    ax.set_xticks(obs)
     ax.set_xlabel("data point")
     ax.set_ylabel("k-hat")
     exact_count = int(exact.sum())
