@@ -289,3 +289,13 @@ def test_list_aligns_every_name(capsys):
     continued = [line for line in lines if line.startswith(" " * column)]
     assert continued and all(not line[column - 1].strip() for line in continued)
     assert max(map(len, lines)) <= LIST_WIDTH
+
+
+def test_a_built_in_data_set_with_constant_columns_names_the_flag(tmp_path, capsys):
+    """The digits' border pixels are constant: the GMM's refusal names --drop-constant, which
+    trains it."""
+    run = tmp_path / "run"
+    _fails_with(capsys, ["train", "gmm", "--dataset", "digits", "--out", str(run), *TINY],
+                "pass --drop-constant to leave them out")
+    assert main(["train", "gmm", "--dataset", "digits", "--drop-constant", "--restarts", "1",
+                 "--out", str(run), *TINY]) == 0

@@ -34,6 +34,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                       help="share of rows held out for testing (default 0.1; 0 for none)")
     data.add_argument("--standardize", action="store_true", default=None,
                       help="shift and scale each column to mean 0, sd 1 (fitted on train)")
+    data.add_argument("--drop-constant", action="store_true", default=None,
+                      help="leave out the columns constant on the training rows (the digits' "
+                           "border pixels, for a gmm)")
     model = parser.add_argument_group("model (each applies to the models that have it)")
     model.add_argument("--latent-dim", type=int, metavar="M", help="latent dimension")
     model.add_argument("--components", type=int, metavar="K", help="mixture components (gmm)")
@@ -173,7 +176,8 @@ def _train(args: argparse.Namespace) -> None:
             args.model, guide=args.guide,
             options={name: getattr(args, name) for name in args.model_options},
             data={"name": args.dataset, "file": args.data, "data_dir": args.data_dir,
-                  "test_fraction": args.test_fraction, "standardize": args.standardize},
+                  "test_fraction": args.test_fraction, "standardize": args.standardize,
+                  "drop_constant": args.drop_constant},
             objective={"name": args.loss, "num_particles": args.particles,
                        "num_groups": args.num_groups, "beta": args.beta,
                        "anneal_epochs": args.anneal_epochs, "free_bits": args.free_bits},

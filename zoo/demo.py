@@ -22,12 +22,14 @@ from zoo.report import Section, write_report
 @dataclass(frozen=True)
 class DemoSettings:
     """How much work the demo does: ``particles`` importance samples per data point in the
-    evaluation, ``points`` test points diagnosed with ``diagnostics``, and ``train`` values
-    that replace every model's own demo training settings (``ModelEntry.demo``)."""
+    evaluation, ``points`` test points diagnosed with ``diagnostics``, ``train`` values
+    that replace every model's own demo training settings (``ModelEntry.demo``), and model
+    ``options`` for the models that have them."""
 
     particles: int = 500
     points: int = 10
     train: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
     diagnostics: diagnostics.DiagnosticSettings = diagnostics.DiagnosticSettings()
 
 
@@ -49,7 +51,10 @@ def run_demo(out: str | os.PathLike | None = None, *, quiet: bool = False, force
     bar = progress_bar(len(MODELS), "zoo demo", quiet=quiet, unit="model", leave=True, delay=0)
     with bar:
         for entry in MODELS.values():
-            config = make_config(entry.name, train={**entry.demo, **settings.train})
+            options = {name: value for name, value in settings.options.items()
+                       if name in entry.options}
+            config = make_config(entry.name, options=options,
+                                 train={**entry.demo, **settings.train})
             started = time.perf_counter()
             bar.set_postfix_str(f"{entry.name}: training")
             run_dir = train_run(config, out / entry.name, force=force, quiet=quiet)
@@ -98,7 +103,7 @@ def quick_settings() -> DemoSettings:
     """A demo that runs in well under a minute: a few training steps and small diagnostics,
     for checking the report itself rather than the models."""
     return DemoSettings(
-        particles=20, points=4, train={"steps": 30},
+        particles=20, points=4, train={"steps": 30}, options={"restarts": 1},
         diagnostics=dataclasses.replace(
             diagnostics.DiagnosticSettings(), num_chains=2, num_draws=50, nuts_points=1,
             nuts_chains=1, nuts_warmup=20, nuts_samples=20, sbc_simulations=50, sbc_draws=9,

@@ -49,7 +49,7 @@ def make_config(model: str, *, guide: str | None = None, options: dict[str, Any]
     guide = guide or entry.default_guide
     given = lambda values: {k: v for k, v in (values or {}).items() if v is not None}  # noqa: E731
     data = {"name": None, "file": None, "data_dir": None, "test_fraction": 0.1,
-            "standardize": False, **given(data)}
+            "standardize": False, "drop_constant": False, **given(data)}
     for key in ("file", "data_dir"):
         if data[key] is not None:
             data[key] = os.path.abspath(os.path.expanduser(data[key]))
