@@ -299,3 +299,17 @@ def test_a_built_in_data_set_with_constant_columns_names_the_flag(tmp_path, caps
                 "pass --drop-constant to leave them out")
     assert main(["train", "gmm", "--dataset", "digits", "--drop-constant", "--restarts", "1",
                  "--out", str(run), *TINY]) == 0
+
+
+def test_the_training_bar_names_model_and_guide_and_quiet_silences_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "ppca", "--guide", "full", "--steps", "30", "--batch-size", "200",
+                 "--out", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(run)        # the bar is on stderr, stdout has the result
+    assert "training ppca (full guide)" in captured.err
+    assert main(["train", "--resume", str(run), "--steps", "45", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["evaluate", str(run), "--particles", "10", "--json", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and set(json.loads(captured.out)) == {"train", "test"}

@@ -78,6 +78,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import arviz as az
@@ -1006,20 +1007,26 @@ def omitted_figures(summary: dict[str, float | int | None]) -> list[str]:
     return []
 
 
-def draw_figures(diagnostics: Diagnostics, folder: Path) -> list[Path]:
-    """Every diagnostics figure that applies, into ``folder``, in the order of ``FIGURES``."""
+def draw_figures(diagnostics: Diagnostics, folder: Path, *, quiet: bool = False) -> list[Path]:
+    """Every diagnostics figure that applies, into ``folder``, in the order of ``FIGURES``,
+    with a progress bar unless ``quiet``."""
     idata, obs = diagnostics.idata, diagnostics.idata.observed_data.obs.values
     marginals, pair, forest, khat, sbc, gaps = (folder / f"{name}.png" for name in FIGURES)
-    figures = [plot_marginals(idata, marginals), plot_pairs(idata, pair)]
+    draws = [partial(plot_marginals, idata, marginals), partial(plot_pairs, idata, pair)]
     if "latent" in idata.posterior.dims:
-        figures.append(plot_forest(idata, forest))
+        draws.append(partial(plot_forest, idata, forest))
     if diagnostics.importance is not None:
-        figures.append(plot_khat(diagnostics.importance.khat, diagnostics.importance.exact, obs,
-                                 khat))
+        draws.append(partial(plot_khat, diagnostics.importance.khat,
+                             diagnostics.importance.exact, obs, khat))
     if diagnostics.calibration is not None:
-        figures.append(plot_ranks(diagnostics.calibration, sbc))
+        draws.append(partial(plot_ranks, diagnostics.calibration, sbc))
     if diagnostics.gaps is not None:
-        figures.append(plot_gaps(diagnostics.gaps, obs, gaps))
+        draws.append(partial(plot_gaps, diagnostics.gaps, obs, gaps))
+    figures = []
+    with progress_bar(len(draws), "diagnostics figures", quiet=quiet, unit="figure") as bar:
+        for draw_one in draws:
+            figures.append(draw_one())
+            bar.update()
     return [figure for figure in figures if figure is not None]
 
 
@@ -1075,7 +1082,7 @@ def diagnose_run(run_dir: str | os.PathLike, *, num_points: int = 20,
     obs = diagnostics.idata.observed_data.obs.values
     write_summary(diagnostics.per_point, obs, run_dir / SUMMARY)
     folder = run_dir / runs.FIGURES
-    figures = draw_figures(diagnostics, folder)
+    figures = draw_figures(diagnostics, folder, quiet=quiet)
     with torch.no_grad():
         figures += [experiment.entry.plots[kind](experiment, folder / f"{kind}.png")
                     for kind in DIAGNOSTIC_PLOTS if kind in experiment.entry.plots]

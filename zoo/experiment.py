@@ -26,6 +26,7 @@ from zoo.data import Data, binarize, load_data
 from zoo.errors import ZooError
 from zoo.evaluate import evaluate
 from zoo.objectives import make_objective, traced_loss
+from zoo.progress import progress_bar
 from zoo.registry import ModelEntry, build, get_model
 from zoo.train import (
     TrainSettings,
@@ -230,12 +231,18 @@ def training_figures(experiment: Experiment) -> list[str]:
 @torch.no_grad()
 def draw_figures(experiment: Experiment, history: list[dict[str, float]], folder: Path
                  ) -> list[Path]:
-    """Draw the :func:`training_figures` of a run that has just trained into ``folder``."""
+    """Draw the :func:`training_figures` of a run that has just trained into ``folder``, with
+    a progress bar unless the run is quiet."""
     experiment.history = history
     experiment.model.eval(), experiment.guide.eval()
-    kinds = plot_kinds(experiment)
-    return [kinds[kind](experiment, folder / f"{kind}.png")
-            for kind in training_figures(experiment)]
+    kinds, names = plot_kinds(experiment), training_figures(experiment)
+    figures = []
+    with progress_bar(len(names), "training figures", quiet=experiment.settings.quiet,
+                      unit="figure") as bar:
+        for kind in names:
+            figures.append(kinds[kind](experiment, folder / f"{kind}.png"))
+            bar.update()
+    return figures
 
 
 def load_run(run_dir: str | os.PathLike) -> Experiment:

@@ -12,8 +12,8 @@ DELAY = 2.0
 
 
 def progress_bar(total: int, desc: str, *, quiet: bool = False, unit: str = "it",
-                 leave: bool = False, delay: float = DELAY, **options) -> tqdm:
-    """A bar of ``total`` units described by ``desc``, shown after ``delay`` seconds unless
-    ``quiet``; it disappears when closed unless ``leave``."""
-    return tqdm(total=total, desc=desc, unit=unit, disable=quiet, delay=delay, leave=leave,
-                dynamic_ncols=True, **options)
+                 leave: bool = False, delay: float | None = None, **options) -> tqdm:
+    """A bar of ``total`` units described by ``desc``, shown after ``delay`` seconds (default
+    ``DELAY``) unless ``quiet``; it disappears when closed unless ``leave``."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=quiet, leave=leave,
+                delay=DELAY if delay is None else delay, dynamic_ncols=True, **options)
