@@ -40,6 +40,10 @@ def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
     return path
 
 
+MARKED_EPOCHS = 30
+"""Loss curves of at most this many epochs mark each epoch."""
+
+
 def plot_training(history: Sequence[dict[str, float]], path: str | Path, *,
                   reference: float | None = None, reference_label: str = "exact") -> Path:
     """Train and test loss (nats per data point) over epochs, with an optional horizontal
@@ -47,7 +51,8 @@ def plot_training(history: Sequence[dict[str, float]], path: str | Path, *,
 
     The x-axis counts epochs by steps, step / steps per epoch. A last epoch cut short by a
     number of steps (``--steps``) averages its train loss over those few steps only, so it is
-    drawn as a hollow marker apart from the curve, not joined to it."""
+    drawn as a hollow marker apart from the curve, not joined to it. Up to ``MARKED_EPOCHS``
+    epochs, each epoch has a marker, so that a run of one epoch still shows its point."""
     figure = Figure(figsize=(6, 3.5))
     axes = figure.subplots()
     steps = [row["step"] for row in history]
@@ -56,15 +61,16 @@ def plot_training(history: Sequence[dict[str, float]], path: str | Path, *,
     epochs = [step / full for step in steps]
     train = [row["train_loss"] for row in history]
     partial = len(history) > 1 and per_epoch[-1] < full
+    marker = "o" if len(history) <= MARKED_EPOCHS else None
     line = axes.plot(epochs[:-1] if partial else epochs, train[:-1] if partial else train,
-                     label="train")[0]
+                     marker=marker, markersize=3, label="train")[0]
     if partial:
         axes.plot(epochs[-1:], train[-1:], linestyle="none", marker="o", fillstyle="none",
                   color=line.get_color(),
                   label=f"train, last epoch ({per_epoch[-1]} of {full} steps)")
     test = [row["test_loss"] for row in history]
     if any(value is not None and not math.isnan(value) for value in test):
-        axes.plot(epochs, test, label="test")
+        axes.plot(epochs, test, marker=marker, markersize=3, label="test")
     if reference is not None:
         axes.axhline(reference, color="black", linestyle="--", linewidth=1, label=reference_label)
     axes.set_xlabel("epoch")
