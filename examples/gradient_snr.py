@@ -62,13 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["ppca", "vae"], choices=["ppca", "vae"])
     parser.add_argument("--particles", type=int, nargs="+", default=list(TOTAL_PARTICLES),
-                        metavar="P", help="totals of particles; perfect squares (M = K)")
+                        metavar="P", help="totals of particles; perfect squares (M = K) (default: "
+                             + " ".join(map(str, TOTAL_PARTICLES)) + ")")
     parser.add_argument("--repeats", type=int, default=100,
                         help="gradient estimates per objective and P (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="the one minibatch the gradients are taken on")
     parser.add_argument("--pretrain-steps", type=int, default=None,
-                        help=f"ELBO steps before measuring (default: {PRETRAIN_STEPS})")
+                        help="ELBO steps before measuring (default: "
+                             + ", ".join(f"{steps} for {model}"
+                                         for model, steps in PRETRAIN_STEPS.items()) + ")")
     parser.add_argument("--data-dir", default=os.environ.get("ZOO_DATA"), metavar="DIR",
                         help="folder holding MNIST/raw; the VAE uses MNIST when it is there")
     parser.add_argument("--seed", type=int, default=0)

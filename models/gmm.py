@@ -199,7 +199,7 @@ def check_training_table(x: Tensor, components: int) -> None:
         columns = ", ".join(str(j) for j in constant)
         raise ZooError(f"column(s) {columns} (0-based) of the data are constant, so every "
                        f"component's variance there collapses to 0 and the likelihood is "
-                       f"unbounded; drop those columns")
+                       f"unbounded; pass --drop-constant to leave them out")
 
 
 # --- closed forms ----------------------------------------------------------------------------

@@ -174,7 +174,28 @@ def test_plot_draws_the_models_first_kind_by_default(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(gmm / "figures" / "components.png")
     assert (gmm / "figures" / "components.png").stat().st_size > 2000
     assert main(["train", "ppca", "--out", str(ppca), *TINY]) == 0
-    _fails_with(capsys, ["plot", str(ppca)], "has no figures for zoo plot")
+    capsys.readouterr()
+    assert main(["plot", str(ppca)]) == 0
+    assert capsys.readouterr().out.strip() == str(ppca / "figures" / "posterior.png")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["ppca", "expnormal", "vae", "cvae", "gmm"])
+def test_plot_offers_every_figure_training_draws(tmp_path, capsys, model):
+    """Each figure in a fresh run's figures/ is a kind of zoo plot, and the path printed is
+    the path written (``.png`` added to a name without a suffix)."""
+    run = tmp_path / "run"
+    options = ["--restarts", "1"] if model == "gmm" else []
+    assert main(["train", model, "--steps", "5", "--quiet", "--out", str(run), *options]) == 0
+    drawn = sorted(path.stem for path in (run / "figures").iterdir())
+    assert "loss" in drawn
+    for kind in drawn:
+        capsys.readouterr()
+        assert main(["plot", str(run), "--kind", kind, "--out", str(tmp_path / kind)]) == 0
+        printed = Path(capsys.readouterr().out.strip())
+        assert printed == tmp_path / f"{kind}.png" and printed.stat().st_size > 2000
+    _fails_with(capsys, ["plot", str(run), "--out", str(tmp_path / "figure.v2")],
+                "cannot draw a figure into figure.v2: choose a name ending in one of")
 
 
 def test_evaluate_a_vae_reports_its_bound_likelihood_and_active_units(tmp_path, capsys):
@@ -225,3 +246,70 @@ def test_training_draws_the_models_own_figures(tmp_path, model, figures):
     run = tmp_path / "run"
     assert main(["train", model, "--steps", "20", "--quiet", "--out", str(run)]) == 0
     assert {path.name for path in (run / "figures").iterdir()} == figures
+
+
+def _zoo(*argv: str, **streams) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "zoo", *argv], stderr=subprocess.PIPE,
+                            text=True, **streams)
+
+
+def test_a_closed_stdout_ends_quietly():
+    """``zoo list | head -1``: the reader is gone before zoo writes; exit 0, nothing on stderr."""
+    process = _zoo("list", stdout=subprocess.PIPE)
+    process.stdout.close()
+    assert process.wait(timeout=120) == 0
+    assert process.stderr.read() == ""
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_stdout_is_one_line():
+    with open("/dev/full", "w") as full:
+        process = _zoo("list", stdout=full)
+        assert process.wait(timeout=120) == 1
+    lines = process.stderr.read().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zoo: error: cannot write the output: ")
+    assert "No space left on device" in lines[0]
+
+
+def test_list_aligns_every_name(capsys):
+    """Every description starts in the same column, however long the names, and no line runs
+    past the width."""
+    from zoo.cli import LIST_WIDTH
+    from zoo.data import DATASETS
+    from zoo.registry import MODELS
+
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith("  ") and line.split()[0] in
+            {*MODELS, *DATASETS}]
+    assert len(rows) == len(MODELS) + len(DATASETS)
+    starts = {len(line) - len(line[2:].lstrip(" ").split(" ", 1)[1].lstrip(" ")) for line in rows}
+    assert len(starts) == 1
+    column = starts.pop()
+    continued = [line for line in lines if line.startswith(" " * column)]
+    assert continued and all(not line[column - 1].strip() for line in continued)
+    assert max(map(len, lines)) <= LIST_WIDTH
+
+
+def test_a_built_in_data_set_with_constant_columns_names_the_flag(tmp_path, capsys):
+    """The digits' border pixels are constant: the GMM's refusal names --drop-constant, which
+    trains it."""
+    run = tmp_path / "run"
+    _fails_with(capsys, ["train", "gmm", "--dataset", "digits", "--out", str(run), *TINY],
+                "pass --drop-constant to leave them out")
+    assert main(["train", "gmm", "--dataset", "digits", "--drop-constant", "--restarts", "1",
+                 "--out", str(run), *TINY]) == 0
+
+
+def test_the_training_bar_names_model_and_guide_and_quiet_silences_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "ppca", "--guide", "full", "--steps", "30", "--batch-size", "200",
+                 "--out", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(run)        # the bar is on stderr, stdout has the result
+    assert "training ppca (full guide)" in captured.err
+    assert main(["train", "--resume", str(run), "--steps", "45", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["evaluate", str(run), "--particles", "10", "--json", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and set(json.loads(captured.out)) == {"train", "test"}

@@ -151,9 +151,20 @@ def test_standardize_fits_on_train_and_applies_to_test(tmp_path):
 
 def test_standardize_refuses_constant_columns(tmp_path):
     path = write(tmp_path, "c.csv", "a,flag,b\n1,0,2\n3,0,5\n4,0,1\n")
-    with pytest.raises(ZooError, match="column\\(s\\) 'flag' are constant.*drop them"):
+    with pytest.raises(ZooError, match="column\\(s\\) 'flag' are constant.*--drop-constant"):
         load_data(file=path, test_fraction=0, standardize=True)
     assert load_data(file=path, test_fraction=0).num_train == 3  # constant columns are allowed
+    dropped = load_data(file=path, test_fraction=0, standardize=True, drop_constant=True)
+    assert dropped.columns == ("a", "b") and dropped.data_dim == 2
+    torch.testing.assert_close(dropped.x_train.std(0, correction=0), torch.ones(2))
+
+
+def test_drop_constant_leaves_out_the_digits_border_pixels_in_both_splits():
+    raw, data = (load_data("digits", drop_constant=flag) for flag in (False, True))
+    constant = (raw.x_train == raw.x_train[0]).all(0)
+    assert 0 < constant.sum() < 10 and data.data_dim == 64 - constant.sum()
+    torch.testing.assert_close(data.x_test, raw.x_test[:, ~constant])
+    assert data.image_shape is None and not (data.x_train == data.x_train[0]).all(0).any()
 
 
 def test_synthetic_ppca_covariance_matches_truth():

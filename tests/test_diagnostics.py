@@ -37,6 +37,7 @@ from zoo.guides.ppca import FullGuide, MeanFieldGuide
 from zoo.models.ppca import INITS, PPCA, maximum_likelihood, random_rotation
 from zoo.objectives import log_weights, make_objective
 from zoo.registry import build, get_model
+from zoo.report import format_value
 from zoo.train import TrainSettings, fit, seed_everything
 
 f64 = torch.float64
@@ -340,9 +341,11 @@ def test_zoo_diagnose_writes_netcdf_summary_figures_and_report(tmp_path, capsys)
         assert f'src="figures/diagnostics-{name}.png"' in report
     assert "<h2>diagnostics: ppca with the full guide</h2>" in report
     assert "q(z|x) against the closed form posterior on 4 test points" in report
-    assert "<th>mean over points</th>" in report
-    for name in ("posterior_kl", "khat_max", "ess_mean", "sbc_pvalue", "amortization_gap"):
-        assert f"<td>{name}</td><td>{summary[name]:.4f}</td>" in report
+    assert "<th>mean over 4 test points</th>" in report
+    for name in ("posterior_kl", "khat_max", "sbc_pvalue", "amortization_gap", "num_points"):
+        assert f"<td>{name}</td><td>{format_value(name, summary[name])}</td>" in report
+    assert (f"<td>ess_mean</td><td>{summary['ess_mean']:.1f} of {summary['num_draws']}</td>"
+            in report)
     assert "PSIS k-hat &lt; 0.5" in report and "SBC: the p-value" in report
     assert main(["diagnose", str(run), "--points", "0"]) == 2
     assert "--points must be at least 1" in capsys.readouterr().err

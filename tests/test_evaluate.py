@@ -68,3 +68,20 @@ def test_active_units():
     assert active_units(means) == 1  # variances 0.35, 0 and 0.00087
     with pytest.raises(ZooError, match="at least two"):
         active_units(means[:1])
+
+
+def test_log_likelihood_shows_its_progress_when_it_lasts(model_guide_x, monkeypatch, capsys):
+    """The bar (labelled as asked, on stderr) appears once the work has lasted the delay, here
+    set to 0; quiet hides it; the estimate does not depend on it."""
+    from zoo import progress
+
+    monkeypatch.setattr(progress, "DELAY", 0.0)
+    model, guide, x = model_guide_x
+    results = []
+    for quiet in (False, True):
+        torch.manual_seed(0)
+        results.append(log_likelihood(model, guide, x, num_samples=20, max_elements=400,
+                                      quiet=quiet, desc="checking").log_likelihood)
+        captured = capsys.readouterr()
+        assert captured.out == "" and ("checking" in captured.err) != quiet
+    torch.testing.assert_close(*results, rtol=0, atol=0)

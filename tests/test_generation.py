@@ -84,10 +84,15 @@ def test_analogies_are_for_the_cvae_only(run_dirs, capsys):
 def test_sample_png_and_npy(run_dirs, tmp_path, capsys):
     run = run_dirs["vae8"]
     capsys.readouterr()
-    assert main(["sample", str(run), "--n", "10"]) == 0
-    default = run / "figures" / "samples.png"
-    assert capsys.readouterr().out.strip() == str(default)
-    _assert_png(default)
+    training_figure = (run / "figures" / "samples.png").read_bytes()
+    for number in (1, 2):  # each call a new file, never the training figure
+        assert main(["sample", str(run), "--n", "10"]) == 0
+        default = run / "samples" / f"samples-{number:03d}.png"
+        assert capsys.readouterr().out.strip() == str(default)
+        _assert_png(default)
+    assert (run / "figures" / "samples.png").read_bytes() == training_figure
+    _fails_with(capsys, ["sample", str(run), "--out", str(run / "figures" / "samples.png")],
+                "is a figure of the training run; choose another --out")
     arrays = []
     for name in ("a.npy", "b.npy"):
         assert main(["sample", str(run), "--n", "10", "--out", str(tmp_path / name)]) == 0

@@ -7,12 +7,18 @@ stderr and exit with status 2; a diverged training run exits with 1; an interrup
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
+import textwrap
 import warnings
 from collections.abc import Sequence
 
 from zoo.errors import ZooError
+
+LIST_WIDTH = 100
+"""``zoo list`` wraps its descriptions at this many characters."""
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +34,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                       help="share of rows held out for testing (default 0.1; 0 for none)")
     data.add_argument("--standardize", action="store_true", default=None,
                       help="shift and scale each column to mean 0, sd 1 (fitted on train)")
+    data.add_argument("--drop-constant", action="store_true", default=None,
+                      help="leave out the columns constant on the training rows (the digits' "
+                           "border pixels, for a gmm)")
     model = parser.add_argument_group("model (each applies to the models that have it)")
     model.add_argument("--latent-dim", type=int, metavar="M", help="latent dimension")
     model.add_argument("--components", type=int, metavar="K", help="mixture components (gmm)")
@@ -92,13 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu",
                           help="cpu (default), cuda or auto: where to evaluate")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     sample = commands.add_parser("sample", help="draw new data from a trained generative model")
     sample.add_argument("run", metavar="RUN", help="run folder")
     sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     sample.add_argument("--label", type=int, metavar="Y", help="class to draw (cvae)")
     sample.add_argument("--out", metavar="FILE",
                         help=".png image grid or .npy array of decoder means "
-                             "(default RUN/figures/samples.png)")
+                             "(default: a new RUN/samples/samples-NNN.png)")
     plot = commands.add_parser("plot", help="draw one figure of a trained run")
     plot.add_argument("run", metavar="RUN", help="run folder")
     plot.add_argument("--kind", help="which figure (default: the model's first kind; the "
@@ -110,10 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--points", type=int, default=20, metavar="N",
                           help="test points to diagnose (default 20)")
     diagnose.add_argument("--json", action="store_true", help="print one JSON object")
+    diagnose.add_argument("--quiet", action="store_true", help="no progress bars")
     demo = commands.add_parser("demo", help="train every model briefly and write a report")
     demo.add_argument("--out", metavar="DIR", help="report folder (default reports/demo-<time>)")
     demo.add_argument("--force", action="store_true", help="overwrite an existing report")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--quick", action="store_true",
+                      help="a few steps per model and small diagnostics: checks that everything "
+                           "runs and shows the report in a minute or two, not what the models "
+                           "can do")
     return parser
 
 
@@ -122,14 +137,21 @@ def _list() -> None:
     from zoo.objectives import OBJECTIVES
     from zoo.registry import MODELS
 
+    width = max(map(len, [*MODELS, *DATASETS])) + 2
+    indent = " " * (2 + width)
+
+    def row(name: str, text: str) -> str:
+        return textwrap.fill(text, LIST_WIDTH, initial_indent=f"  {name:{width}s}",
+                             subsequent_indent=indent, break_on_hyphens=False)
+
     print("models (guides, the default first; default data):")
     for entry in MODELS.values():
-        print(f"  {entry.name:14s} {', '.join(entry.guides)}; {entry.default_data}")
-        print(f"  {'':14s} {entry.description}")
+        print(row(entry.name, f"{', '.join(entry.guides)}; {entry.default_data}"))
+        print(row("", entry.description))
     print("objectives:\n  " + ", ".join(OBJECTIVES))
     print("data sets (or --data FILE for your own .csv/.npy table):")
     for name, description in DATASETS.items():
-        print(f"  {name:14s} {description}")
+        print(row(name, description))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -154,7 +176,8 @@ def _train(args: argparse.Namespace) -> None:
             args.model, guide=args.guide,
             options={name: getattr(args, name) for name in args.model_options},
             data={"name": args.dataset, "file": args.data, "data_dir": args.data_dir,
-                  "test_fraction": args.test_fraction, "standardize": args.standardize},
+                  "test_fraction": args.test_fraction, "standardize": args.standardize,
+                  "drop_constant": args.drop_constant},
             objective={"name": args.loss, "num_particles": args.particles,
                        "num_groups": args.num_groups, "beta": args.beta,
                        "anneal_epochs": args.anneal_epochs, "free_bits": args.free_bits},
@@ -171,7 +194,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     splits = ("train", "test") if args.split == "both" else (args.split,)
     result = evaluate_run(args.run, num_samples=args.particles, splits=splits,
-                          device=args.device)
+                          device=args.device, quiet=args.quiet)
     if not result:
         raise ZooError(f"run {args.run} has no {args.split} split to evaluate")
     if args.json:
@@ -201,7 +224,7 @@ def _plot(args: argparse.Namespace) -> None:
 def _diagnose(args: argparse.Namespace) -> None:
     from zoo.diagnostics import diagnose_run
 
-    summary = diagnose_run(args.run, num_points=args.points)
+    summary = diagnose_run(args.run, num_points=args.points, quiet=args.quiet)
     if args.json:
         print(json.dumps(summary))
         return
@@ -210,13 +233,22 @@ def _diagnose(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from zoo.demo import run_demo
+    from zoo.demo import DemoSettings, quick_settings, run_demo
 
-    print(run_demo(args.out, quiet=args.quiet, force=args.force))
+    settings = quick_settings() if args.quick else DemoSettings()
+    print(run_demo(args.out, quiet=args.quiet, force=args.force, settings=settings))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"zoo: warning: {message}", file=file or sys.stderr)
+
+
+def _close_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so that Python's own flush at exit, which would
+    fail again on a closed pipe or a full disk, has nowhere to fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -227,6 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         {"list": lambda _: _list(), "train": _train, "evaluate": _evaluate, "sample": _sample,
          "plot": _plot, "diagnose": _diagnose, "demo": _demo}[args.command](args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader of stdout has gone (zoo list | head -1): nothing more to say to anyone
+        _close_stdout()
+        return 0
     except TrainingDiverged as error:
         print(f"zoo: {error}", file=sys.stderr)
         return 1
@@ -241,4 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("zoo: interrupted; the checkpoint of the last finished epoch is kept "
               "(continue with zoo train --resume RUN)", file=sys.stderr)
         return 130
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        print(f"zoo: error: cannot write {error.filename or 'the output'}: {error.strerror}; "
+              f"free some space or write elsewhere", file=sys.stderr)
+        _close_stdout()
+        return 1
     return 0

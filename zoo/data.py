@@ -96,7 +96,7 @@ class Data:
 
 def load_data(name: str | None = None, *, file: str | os.PathLike | None = None,
               data_dir: str | None = None, test_fraction: float = 0.1, standardize: bool = False,
-              seed: int = 0, num_data: int | None = None) -> Data:
+              seed: int = 0, num_data: int | None = None, drop_constant: bool = False) -> Data:
     """Load a named data set or a file into memory, split into train and test.
 
     Give exactly one of ``name`` (a key of ``DATASETS``) and ``file`` (a ``.csv`` with a header
@@ -111,7 +111,9 @@ def load_data(name: str | None = None, *, file: str | os.PathLike | None = None,
     training images). ``data_dir``: where mnist and fashion-mnist live (else the environment
     variable ``ZOO_DATA``, else ``~/.cache/zoo/data``, downloading there when needed).
     ``standardize``: shift and scale every column to mean 0 and standard deviation 1 on the
-    training rows; the test rows use the same shift and scale.
+    training rows; the test rows use the same shift and scale. ``drop_constant``: leave out the
+    columns that are constant on the training rows (the border pixels of the digits, say),
+    before standardizing.
     """
     if (name is None) == (file is None):
         raise ZooError("give either a data set name or a file, not both"
@@ -137,6 +139,7 @@ def load_data(name: str | None = None, *, file: str | os.PathLike | None = None,
     else:
         data = _subset(_load_torchvision(name, data_dir), num_data, generator)
     data = _split(data, test_fraction, generator)
+    data = _drop_constant(data) if drop_constant else data
     return _standardize(data) if standardize else data
 
 
@@ -463,6 +466,20 @@ def _split(data: Data, test_fraction: float, generator: torch.Generator) -> Data
         y_train=None if y is None else y[train], y_test=None if y is None else y[test])
 
 
+def _drop_constant(data: Data) -> Data:
+    """The data without the columns that are constant on the training rows: they carry no
+    information, and a density fitted to them is unbounded. Images become plain tables."""
+    x = data.x_train
+    keep = ~(x == x[0]).all(dim=0)
+    if keep.all():
+        return data
+    columns = (None if data.columns is None else
+               tuple(name for name, kept in zip(data.columns, keep.tolist(), strict=True) if kept))
+    return dataclasses.replace(
+        data, x_train=x[:, keep], x_test=None if data.x_test is None else data.x_test[:, keep],
+        image_shape=None, columns=columns)
+
+
 def _standardize(data: Data) -> Data:
     """Columns to mean 0 and standard deviation 1 on the training rows; test rows alike."""
     x = data.x_train
@@ -473,7 +490,8 @@ def _standardize(data: Data) -> Data:
         if not data.columns:
             shown += " (0-based)"
         raise ZooError(f"cannot standardize {data.name}: column(s) {shown} are constant on the "
-                       "training rows (standard deviation 0); drop them, or do not standardize")
+                       "training rows (standard deviation 0); pass --drop-constant to leave "
+                       "them out, or do not standardize")
     x64 = x.double()
     shift = x64.mean(dim=0)
     scale = x64.std(dim=0, correction=0)

@@ -70,12 +70,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import math
 import operator
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import arviz as az
@@ -103,6 +106,7 @@ from zoo.errors import ZooError
 from zoo.evaluate import log_likelihood
 from zoo.experiment import load_run
 from zoo.objectives import DATA_PLATE, PARTICLE_PLATE, as_multivariate, draw
+from zoo.progress import progress_bar
 from zoo.report import Section, write_report
 from zoo.train import seed_everything
 
@@ -143,6 +147,8 @@ class DiagnosticSettings:
     """Particles per step when the per-point ELBO has no closed form."""
     elbo_particles: int = 4000
     """Particles of the Monte-Carlo ELBOs and importance-sampled log p(x) of the gaps."""
+    quiet: bool = False
+    """No progress bars (:mod:`zoo.progress`: one per stage, for NUTS and for the gaps)."""
 
 
 # --- draws from the guide and from the reference ----------------------------------------------
@@ -201,7 +207,7 @@ def _frozen(module: nn.Module) -> Iterator[None]:
 
 
 def nuts_posterior(model, *inputs: Tensor, num_chains: int = 2, num_samples: int = 500,
-                   warmup_steps: int = 300, init: Tensor | None = None
+                   warmup_steps: int = 300, init: Tensor | None = None, quiet: bool = False
                    ) -> tuple[Tensor, dict[str, float]]:
     """Draws from p(z | x) for every point of ``inputs`` by NUTS on the model's own program, in
     which x is observed: ``z: [C, S, N, M]`` and the stats ``divergences`` (in all) and
@@ -211,16 +217,19 @@ def nuts_posterior(model, *inputs: Tensor, num_chains: int = 2, num_samples: int
     independent given the model's parameters, and NUTS adapts one step size to the diagonal
     mass matrix it learns). The chains run one after another, each started at ``init[c]``
     (``[C, N, M]``, for example guide draws), else at a prior draw. The model's parameters are
-    held fixed.
+    held fixed. One progress bar counts the iterations of all chains, unless ``quiet``.
     """
     chains, divergences, acceptance = [], 0, []
-    with _frozen(model):
+    bar = progress_bar(num_chains * (warmup_steps + num_samples),
+                       f"NUTS reference, {inputs[0].shape[0]} points", quiet=quiet)
+    with _frozen(model), bar:
         for chain in range(num_chains):
             strategy = (init_to_value(values={LATENT: init[chain]}) if init is not None
                         else init_to_sample)
             kernel = NUTS(model, init_strategy=strategy, max_plate_nesting=1)
+            bar.set_postfix_str(f"chain {chain + 1} of {num_chains}")
             mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps,
-                        disable_progbar=True)
+                        disable_progbar=True, hook_fn=lambda *_: bar.update())
             mcmc.run(*inputs)
             chains.append(mcmc.get_samples()[LATENT])
             diagnostics = mcmc.diagnostics()
@@ -246,7 +255,7 @@ def reference_posterior(model, *inputs: Tensor, draws: GuideDraws,
     z, stats = nuts_posterior(model, *(tensor[:n] for tensor in inputs),
                               num_chains=settings.nuts_chains, num_samples=settings.nuts_samples,
                               warmup_steps=settings.nuts_warmup,
-                              init=draws.z[:settings.nuts_chains, :n])
+                              init=draws.z[:settings.nuts_chains, :n], quiet=settings.quiet)
     return Reference(z, points, "NUTS", stats=stats)
 
 
@@ -537,7 +546,9 @@ def _fit_local(model, local: LocalGuide, inputs: Sequence[Tensor], loss: Callabl
                settings: DiagnosticSettings) -> None:
     """Adam on the local parameters, learning rate decayed to 0 on a cosine."""
     optimizer = torch.optim.Adam(local.parameters(), lr=settings.local_lr)
-    with _frozen(model):
+    bar = progress_bar(settings.local_steps, "gaps: per-point guides", quiet=settings.quiet,
+                       unit="step")
+    with _frozen(model), bar:
         for step in range(settings.local_steps):
             for group in optimizer.param_groups:
                 group["lr"] = settings.local_lr * 0.5 * (1 + math.cos(math.pi * step
@@ -545,6 +556,7 @@ def _fit_local(model, local: LocalGuide, inputs: Sequence[Tensor], loss: Callabl
             optimizer.zero_grad(set_to_none=True)
             loss().backward()
             optimizer.step()
+            bar.update()
 
 
 def amortization_gaps(model, guide, *inputs: Tensor, closed_form: bool = True,
@@ -584,8 +596,10 @@ def amortization_gaps(model, guide, *inputs: Tensor, closed_form: bool = True,
         _fit_local(model, local, inputs, lambda: -draw(
             model, local, *inputs, num_particles=settings.local_particles).log_weights().sum(),
             settings)
-        amortized = log_likelihood(model, guide, *inputs, num_samples=settings.elbo_particles)
-        fitted = log_likelihood(model, local, *inputs, num_samples=settings.elbo_particles)
+        amortized, fitted = (
+            log_likelihood(model, proposal, *inputs, num_samples=settings.elbo_particles,
+                           quiet=settings.quiet, desc=f"gaps: ELBO and log p(x) with {name}")
+            for proposal, name in ((guide, "q"), (local, "q*")))
         elbo, optimal = amortized.elbo, fitted.elbo
         log_px = (model.marginal_log_prob(*inputs).detach() if hasattr(model, "marginal_log_prob")
                   else torch.maximum(amortized.log_likelihood, fitted.log_likelihood))
@@ -594,6 +608,11 @@ def amortization_gaps(model, guide, *inputs: Tensor, closed_form: bool = True,
 
 
 # --- everything at once -----------------------------------------------------------------------
+
+STAGES = ("guide draws and PSIS", "reference posterior", "calibration (SBC)",
+          "amortization gaps")
+"""The stages of :func:`diagnose`, as its progress bar names them."""
+
 
 @dataclass
 class Diagnostics:
@@ -619,16 +638,23 @@ def diagnose(model, guide, *inputs: Tensor, points: Tensor | None = None,
     points = torch.arange(inputs[0].shape[0]) if points is None else points
     if hasattr(model, "responsibilities"):
         return _diagnose_mixture(model, guide, *inputs, points=points, settings=settings)
-    draws = guide_draws(model, guide, *inputs, num_draws=settings.num_chains * settings.num_draws)
-    reference = reference_posterior(model, *inputs, draws=draws, settings=settings)
-    with torch.no_grad():
-        q = guide.distribution(*inputs) if hasattr(guide, "distribution") else None
-        per_point = _moment_errors(q, draws, reference)
-    importance = importance_diagnostics(draws.log_weights)
-    calibration = simulation_based_calibration(
-        model, guide, *inputs, num_simulations=settings.sbc_simulations,
-        num_draws=settings.sbc_draws, num_bins=settings.sbc_bins)
-    gaps = amortization_gaps(model, guide, *inputs, settings=settings)
+    with progress_bar(len(STAGES), "diagnostics", quiet=settings.quiet, unit="stage") as stages:
+        stages.set_postfix_str(STAGES[0])
+        draws = guide_draws(model, guide, *inputs,
+                            num_draws=settings.num_chains * settings.num_draws)
+        stages.update(), stages.set_postfix_str(STAGES[1])
+        reference = reference_posterior(model, *inputs, draws=draws, settings=settings)
+        with torch.no_grad():
+            q = guide.distribution(*inputs) if hasattr(guide, "distribution") else None
+            per_point = _moment_errors(q, draws, reference)
+        importance = importance_diagnostics(draws.log_weights)
+        stages.update(), stages.set_postfix_str(STAGES[2])
+        calibration = simulation_based_calibration(
+            model, guide, *inputs, num_simulations=settings.sbc_simulations,
+            num_draws=settings.sbc_draws, num_bins=settings.sbc_bins)
+        stages.update(), stages.set_postfix_str(STAGES[3])
+        gaps = amortization_gaps(model, guide, *inputs, settings=settings)
+        stages.update()
     with torch.no_grad():
         if q is not None and reference.distribution is not None:
             per_point["posterior_kl"] = posterior_kl(q, reference.distribution)
@@ -777,28 +803,70 @@ def to_inference_data(model, inputs: Sequence[Tensor], points: Tensor, draws: Gu
 
 Q_STYLE = {"color": "tab:red"}
 P_STYLE = {"color": "black"}
+TITLE_SIZE, LABEL_SIZE, TICK_SIZE = 10, 9, 8
+"""Font sizes of every diagnostics panel (ArviZ scales its own with the figure)."""
+
+FIGURES = ("diagnostics-marginals", "diagnostics-pair", "diagnostics-forest", "diagnostics-khat",
+           "diagnostics-sbc", "diagnostics-gaps")
+"""The figures :func:`draw_figures` can draw, by file name, in reading order."""
+
+ZERO_GAP = 1e-12
+"""Gaps below this many nats count as zero: the guide is the exact posterior."""
+
+
+def _legible(ax) -> None:
+    ax.tick_params(labelsize=TICK_SIZE)
+    ax.xaxis.label.set_size(LABEL_SIZE)
+    ax.yaxis.label.set_size(LABEL_SIZE)
+    ax.title.set_size(TITLE_SIZE)
+
+
+def _bars(ax, q: np.ndarray, p: np.ndarray, p_label: str, num_values: int) -> None:
+    """Frequencies of the values 0, ..., ``num_values`` - 1 of a discrete z: q's bars (red)
+    beside the reference's."""
+    values = np.arange(num_values)
+    for draws, offset, style, label in ((q, -0.2, Q_STYLE, "q(z|x)"), (p, 0.2, P_STYLE, p_label)):
+        ax.bar(values + offset, np.bincount(draws, minlength=len(values)) / len(draws),
+               width=0.4, label=label, **style)
+    ax.set_xticks(values)
+    ax.set_xlabel("component z")
+    ax.set_ylabel("probability")
+    ax.legend(fontsize="small")
 
 
 def plot_marginals(idata: az.InferenceData, path: str | Path, *, max_points: int = 3,
                    max_dims: int = 3) -> Path:
     """Marginal densities of q(z_m | x_n) (red) over those of the reference (black), for the
-    first few points (rows) and latent dimensions (columns), with ArviZ's ``plot_dist``."""
+    first few points (rows) and latent dimensions (columns), with ArviZ's ``plot_dist``; for a
+    discrete z, the two distributions' bars side by side, one point beside the other."""
     reference = idata.reference_posterior[LATENT]
+    method = idata.reference_posterior.attrs["method"]
     obs = reference.obs.values[:max_points]
     latent = reference.latent.values[:max_dims] if "latent" in reference.dims else [None]
-    figure = Figure(figsize=(3 * len(latent), 2.4 * len(obs)), layout="constrained")
-    axes = np.atleast_2d(figure.subplots(len(obs), len(latent), squeeze=False))
+    discrete = np.issubdtype(reference.dtype, np.integer)
+    num_values = (int(max(idata.posterior[LATENT].max(), reference.max())) + 1 if discrete
+                  else 0)
+    shape = (1, len(obs)) if discrete else (len(obs), len(latent))
+    figure = Figure(figsize=(3 * shape[1], 2.4 * shape[0] + 0.2), layout="constrained")
+    axes = figure.subplots(*shape, squeeze=False)
+    if discrete:              # the points side by side: axes[point, 0] as for a continuous z
+        axes = axes.T
     for row, n in enumerate(obs):
         for column, m in enumerate(latent):
             where = {"obs": n} if m is None else {"obs": n, "latent": m}
             ax = axes[row, column]
-            az.plot_dist(idata.posterior[LATENT].sel(where).values.ravel(), ax=ax,
-                         label="q(z|x)", **Q_STYLE)
-            az.plot_dist(reference.sel(where).values.ravel(), ax=ax,
-                         label=idata.reference_posterior.attrs["method"], **P_STYLE)
-            ax.set_title(f"point {n}" + ("" if m is None else f", z{m + 1}"), fontsize="small")
+            q, p = (group[LATENT].sel(where).values.ravel()
+                    for group in (idata.posterior, idata.reference_posterior))
+            if discrete:
+                _bars(ax, q, p, method, num_values)
+            else:
+                az.plot_dist(q, ax=ax, label="q(z|x)", **Q_STYLE)
+                az.plot_dist(p, ax=ax, label=method, **P_STYLE)
+                ax.set_xlabel(f"z{m + 1}" if m is not None else "z")
+            ax.set_title(f"point {n}" + ("" if m is None else f", z{m + 1}"))
             if row or column:
                 ax.get_legend().remove()
+            _legible(ax)
     return plots.save_figure(figure, path)
 
 
@@ -817,9 +885,21 @@ def plot_pairs(idata: az.InferenceData, path: str | Path) -> Path | None:
     az.plot_pair(idata, var_names=[LATENT], coords=coords, ax=ax,
                  scatter_kwargs={**Q_STYLE, "alpha": 0.3},
                  reference_values={LATENT: mean})
+    ax.set_xlabel("z1")
+    ax.set_ylabel("z2")
     ax.set_title(f"point {coords['obs'][0]}: q (red), {idata.reference_posterior.attrs['method']}"
-                 f" (black)", fontsize="small")
+                 f" (black)")
+    _legible(ax)
     return plots.save_figure(figure, path)
+
+
+def _point_label(text: str) -> str:
+    """ArviZ's ``z[n, m]`` (or ``[n, m]``, ``z[n]``) as ``point n, zm+1``."""
+    match = re.search(r"\[(\d+)(?:, (\d+))?\]", text)
+    if match is None:
+        return text
+    n, m = match.groups()
+    return f"point {n}" + ("" if m is None else f", z{int(m) + 1}")
 
 
 def plot_forest(idata: az.InferenceData, path: str | Path, *, max_points: int = 6,
@@ -835,54 +915,78 @@ def plot_forest(idata: az.InferenceData, path: str | Path, *, max_points: int = 
                    model_names=["q(z|x)", reference.attrs["method"]], var_names=[LATENT],
                    coords=coords, combined=True, hdi_prob=0.94, ax=ax,
                    colors=[Q_STYLE["color"], P_STYLE["color"]])
+    ax.set_yticks(ax.get_yticks(), [_point_label(label.get_text())
+                                    for label in ax.get_yticklabels()])
+    ax.set_title(f"means and 94% HDIs of z: q(z|x) (red), {reference.attrs['method']} (black)")
+    ax.set_xlabel("z")
+    _legible(ax)
     return plots.save_figure(figure, path)
 
 
 def plot_khat(khat: Tensor, exact: Tensor, obs: np.ndarray, path: str | Path) -> Path:
-    """PSIS k-hat per point with ArviZ's ``plot_khat`` and the 0.5 / 0.7 thresholds; points
-    whose weights are all equal (exact q) have no tail and are listed in the title instead."""
+    """PSIS k-hat per point with ArviZ's ``plot_khat`` and the 0.5 / 0.7 thresholds, labelled;
+    points whose weights are all equal (exact q) have no tail and are listed in the title
+    instead."""
     values = khat.cpu().numpy().copy()
     values[exact.cpu().numpy()] = np.nan
     pareto_k = xr.DataArray(values, dims=["obs"], coords={"obs": obs})
     figure = Figure(figsize=(6, 3.5))
     ax = figure.subplots()
     az.plot_khat(az.ELPDData(data=[pareto_k, KHAT_USABLE], index=["pareto_k", "good_k"]),
-                 ax=ax, show_hlines=True, hlines_kwargs={"hlines": [KHAT_GOOD, KHAT_USABLE]})
+                 ax=ax, show_hlines=False)
+    ax.axhline(KHAT_GOOD, color="tab:orange", linestyle=":",
+               label=f"{KHAT_GOOD}: good below")
+    ax.axhline(KHAT_USABLE, color="tab:red", linestyle="--",
+               label=f"{KHAT_USABLE}: unreliable above")
+    ax.legend(fontsize="small")
+    ax.set_xticks(obs)
     ax.set_xlabel("data point")
+    ax.set_ylabel("k-hat")
     exact_count = int(exact.sum())
     ax.set_title("PSIS k-hat of log p(x, z) - log q(z | x)"
-                 + (f"; {exact_count} points exact (equal weights)" if exact_count else ""),
-                 fontsize="small")
+                 + (f"; {exact_count} points exact (equal weights)" if exact_count else ""))
+    _legible(ax)
     return plots.save_figure(figure, path)
 
 
-def plot_ranks(calibration: Calibration, path: str | Path, *, max_dims: int = 8) -> Path:
-    """SBC rank histograms per latent dimension, with the expected count and the band that
-    holds 99% of the counts of a uniform rank (normal approximation to the binomial)."""
+def plot_ranks(calibration: Calibration, path: str | Path, *, max_dims: int = 8,
+               columns: int = 4) -> Path:
+    """SBC rank histograms per latent dimension, ``columns`` to a row, with the expected count
+    and the band that holds 99% of the counts of a uniform rank (normal approximation to the
+    binomial)."""
     counts = calibration.counts[:, :max_dims].double().cpu()
     B, M = counts.shape
     R = calibration.ranks.shape[0]
     expected = R / B
     band = 2.576 * math.sqrt(R * (1 / B) * (1 - 1 / B))
-    figure = Figure(figsize=(2.6 * M, 2.6), layout="constrained")
-    for m, ax in enumerate(np.atleast_1d(figure.subplots(1, M))):
+    rows, width = math.ceil(M / columns), min(M, columns)
+    figure = Figure(figsize=(2.8 * width, 2.4 * rows + 0.4), layout="constrained")
+    axes = figure.subplots(rows, width, squeeze=False).ravel()
+    for m, ax in enumerate(axes):
+        if m >= M:
+            ax.set_axis_off()
+            continue
         ax.axhspan(expected - band, expected + band, color="grey", alpha=0.25)
         ax.axhline(expected, color="black", linewidth=1)
         ax.bar(np.arange(B), counts[:, m].numpy(), width=0.9, color=Q_STYLE["color"])
         ax.set_xticks(np.arange(B))
-        ax.set_title(f"z{m + 1}: p = {calibration.pvalues[m].item():.3g}", fontsize="small")
+        ax.set_title(f"z{m + 1}: p = {calibration.pvalues[m].item():.3g}")
         ax.set_xlabel(f"rank bin (L = {calibration.num_draws})")
+        _legible(ax)
     figure.suptitle(f"simulation-based calibration, {R} simulations")
     return plots.save_figure(figure, path)
 
 
-def plot_gaps(gaps: Gaps, obs: np.ndarray, path: str | Path) -> Path:
-    """log p(x) - ELBO per point as stacked bars: approximation gap below, amortization above."""
+def plot_gaps(gaps: Gaps, obs: np.ndarray, path: str | Path) -> Path | None:
+    """log p(x) - ELBO per point as stacked bars: approximation gap below, amortization above;
+    None when every gap is zero (see :func:`omitted_figures`)."""
+    approximation = gaps.approximation.double().cpu().numpy()
+    amortization = gaps.amortization.double().cpu().numpy()
+    if max(np.abs(approximation).max(), np.abs(amortization).max()) < ZERO_GAP:
+        return None
     figure = Figure(figsize=(max(4, 0.35 * len(obs) + 2), 3.5))
     ax = figure.subplots()
     position = np.arange(len(obs))
-    approximation = gaps.approximation.double().cpu().numpy()
-    amortization = gaps.amortization.double().cpu().numpy()
     ax.bar(position, approximation, color="tab:blue", label="approximation gap")
     ax.bar(position, amortization, bottom=approximation, color="tab:orange",
            label="amortization gap")
@@ -894,20 +998,35 @@ def plot_gaps(gaps: Gaps, obs: np.ndarray, path: str | Path) -> Path:
     return plots.save_figure(figure, path)
 
 
-def draw_figures(diagnostics: Diagnostics, folder: Path) -> list[Path]:
-    """Every diagnostics figure that applies, into ``folder``."""
+def omitted_figures(summary: dict[str, float | int | None]) -> list[str]:
+    """Sentences for the report about figures left out because they would be empty."""
+    gaps = [summary.get(name) for name in ("approximation_gap", "amortization_gap")]
+    if all(gap is not None and abs(gap) < ZERO_GAP for gap in gaps):
+        return ["No gaps figure: log p(x) - ELBO is 0 at every point, because q(z|x) is the "
+                "exact posterior."]
+    return []
+
+
+def draw_figures(diagnostics: Diagnostics, folder: Path, *, quiet: bool = False) -> list[Path]:
+    """Every diagnostics figure that applies, into ``folder``, in the order of ``FIGURES``,
+    with a progress bar unless ``quiet``."""
     idata, obs = diagnostics.idata, diagnostics.idata.observed_data.obs.values
-    figures = [plot_marginals(idata, folder / "diagnostics-marginals.png"),
-               plot_pairs(idata, folder / "diagnostics-pair.png")]
+    marginals, pair, forest, khat, sbc, gaps = (folder / f"{name}.png" for name in FIGURES)
+    draws = [partial(plot_marginals, idata, marginals), partial(plot_pairs, idata, pair)]
     if "latent" in idata.posterior.dims:
-        figures.append(plot_forest(idata, folder / "diagnostics-forest.png"))
+        draws.append(partial(plot_forest, idata, forest))
     if diagnostics.importance is not None:
-        figures.append(plot_khat(diagnostics.importance.khat, diagnostics.importance.exact, obs,
-                                 folder / "diagnostics-khat.png"))
+        draws.append(partial(plot_khat, diagnostics.importance.khat,
+                             diagnostics.importance.exact, obs, khat))
     if diagnostics.calibration is not None:
-        figures.append(plot_ranks(diagnostics.calibration, folder / "diagnostics-sbc.png"))
+        draws.append(partial(plot_ranks, diagnostics.calibration, sbc))
     if diagnostics.gaps is not None:
-        figures.append(plot_gaps(diagnostics.gaps, obs, folder / "diagnostics-gaps.png"))
+        draws.append(partial(plot_gaps, diagnostics.gaps, obs, gaps))
+    figures = []
+    with progress_bar(len(draws), "diagnostics figures", quiet=quiet, unit="figure") as bar:
+        for draw_one in draws:
+            figures.append(draw_one())
+            bar.update()
     return [figure for figure in figures if figure is not None]
 
 
@@ -941,11 +1060,12 @@ NOTES = (
 
 
 def diagnose_run(run_dir: str | os.PathLike, *, num_points: int = 20,
-                 settings: DiagnosticSettings = DiagnosticSettings()
+                 settings: DiagnosticSettings = DiagnosticSettings(), quiet: bool = False
                  ) -> dict[str, float | int | None]:
     """Diagnose a trained run on its first ``num_points`` test points (training points without
     a test split) and write ``diagnostics.nc``, ``summary.csv``, the figures and ``report.html``
-    into the run folder. Returns the aggregate summary (see :class:`Diagnostics`)."""
+    into the run folder. Returns the aggregate summary (see :class:`Diagnostics`). ``quiet``
+    hides the progress bars."""
     if num_points < 1:
         raise ZooError(f"--points must be at least 1; got {num_points}")
     started = time.perf_counter()
@@ -955,13 +1075,14 @@ def diagnose_run(run_dir: str | os.PathLike, *, num_points: int = 20,
     experiment.model.eval(), experiment.guide.eval()
     split = "test" if experiment.inputs("test") is not None else "train"
     inputs = tuple(tensor[:num_points] for tensor in experiment.inputs(split))
-    diagnostics = diagnose(experiment.model, experiment.guide, *inputs, settings=settings)
+    diagnostics = diagnose(experiment.model, experiment.guide, *inputs,
+                           settings=dataclasses.replace(settings, quiet=quiet))
 
     diagnostics.idata.to_netcdf(str(run_dir / NETCDF))
     obs = diagnostics.idata.observed_data.obs.values
     write_summary(diagnostics.per_point, obs, run_dir / SUMMARY)
     folder = run_dir / runs.FIGURES
-    figures = draw_figures(diagnostics, folder)
+    figures = draw_figures(diagnostics, folder, quiet=quiet)
     with torch.no_grad():
         figures += [experiment.entry.plots[kind](experiment, folder / f"{kind}.png")
                     for kind in DIAGNOSTIC_PLOTS if kind in experiment.entry.plots]
@@ -971,9 +1092,12 @@ def diagnose_run(run_dir: str | os.PathLike, *, num_points: int = 20,
         title=f"diagnostics: {config['model']} with the {config['guide']} guide",
         description=f"q(z|x) against the {diagnostics.idata.reference_posterior.attrs['method']} "
                     f"posterior on {len(obs)} {split} points",
-        metrics={"mean over points": {name: value for name, value in diagnostics.summary.items()
-                                      if value is not None}},
+        metrics={f"mean over {len(obs)} {split} points": {
+            name: value for name, value in diagnostics.summary.items() if value is not None}},
+        totals={"ess_mean": diagnostics.summary["num_draws"]} if "num_draws" in diagnostics.summary
+        else {},
         figures=figures, notes=[*NOTES, *_run_notes(diagnostics),
+                                *omitted_figures(diagnostics.summary),
                                 f"{seconds:.1f} s; draws and per-point metrics in {NETCDF} "
                                 f"and {SUMMARY}."])])
     return diagnostics.summary

@@ -28,6 +28,7 @@ from torch.distributions import kl_divergence
 
 from zoo.errors import ZooError
 from zoo.objectives import as_multivariate, log_weights
+from zoo.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,16 @@ class ImportanceEstimate:
 
 @torch.no_grad()
 def log_likelihood(model, guide, *data: torch.Tensor, num_samples: int = 1000,
-                   max_elements: int = 30_000_000) -> ImportanceEstimate:
+                   max_elements: int = 30_000_000, quiet: bool = False,
+                   desc: str = "importance sampling") -> ImportanceEstimate:
     """Importance-sampled log p(x_n) for each data point, with the ELBO and ESS of the draws.
 
     ``data`` are the model's inputs, first dimension N. The work is chunked over data points and
     particles so that at most about ``max_elements`` numbers of the size of x exist at once
     (particles x data points x D; 30 million, about 120 MB per such tensor, bounds the memory
     of an MNIST VAE near 1 GB whatever N and K); the chunks are combined exactly by
-    log-sum-exp, so the result does not depend on the chunking.
+    log-sum-exp, so the result does not depend on the chunking. A progress bar ``desc``
+    counts the draws when the work lasts (:mod:`zoo.progress`) unless ``quiet``.
     """
     if num_samples < 1:
         raise ZooError(f"the importance-sampled log-likelihood needs at least 1 sample per data "
@@ -58,6 +61,7 @@ def log_likelihood(model, guide, *data: torch.Tensor, num_samples: int = 1000,
     rows = max(1, min(num_data, pairs // num_samples))
     particles = max(1, min(num_samples, pairs // rows))
     results = []
+    bar = progress_bar(num_data * num_samples, desc, quiet=quiet, unit="draw", unit_scale=True)
     for start in range(0, num_data, rows):
         chunk = tuple(tensor[start:start + rows] for tensor in data)
         log_sum_w, log_sum_w2, sum_log_w = None, None, 0.0
@@ -71,8 +75,10 @@ def log_likelihood(model, guide, *data: torch.Tensor, num_samples: int = 1000,
                 log_sum_w = torch.logaddexp(log_sum_w, parts[0])
                 log_sum_w2 = torch.logaddexp(log_sum_w2, parts[1])
             sum_log_w = sum_log_w + log_w.sum(0)
+            bar.update(log_w.numel())
         results.append((log_sum_w - math.log(num_samples), sum_log_w / num_samples,
                         torch.exp(2 * log_sum_w - log_sum_w2)))
+    bar.close()
     log_px, elbo, ess = (torch.cat(column) for column in zip(*results, strict=True))
     return ImportanceEstimate(log_likelihood=log_px, elbo=elbo, ess=ess)
 
@@ -94,7 +100,8 @@ def active_units(posterior_means: torch.Tensor, threshold: float = ACTIVE_UNIT_T
 
 @torch.no_grad()
 def evaluate(model, guide, *data: torch.Tensor, num_samples: int = 1000,
-             train_x: torch.Tensor | None = None) -> dict[str, float]:
+             train_x: torch.Tensor | None = None, quiet: bool = False,
+             desc: str = "evaluating") -> dict[str, float]:
     """Per-data-point means, in nats, of every metric that applies to this model and guide.
 
     Always ``elbo`` and ``log_likelihood`` (importance-sampled with ``num_samples`` draws) and
@@ -102,13 +109,15 @@ def evaluate(model, guide, *data: torch.Tensor, num_samples: int = 1000,
     marginal; ``mle_log_likelihood`` (the closed-form optimum fitted on ``train_x``, evaluated on
     ``data``) when it has a closed-form maximum-likelihood solution; ``posterior_kl``, the mean
     KL(q(z|x) || p(z|x)), when the model has a closed-form posterior and the guide exposes q;
-    ``active_units`` when the guide exposes q (see :func:`active_units`).
+    ``active_units`` when the guide exposes q (see :func:`active_units`). The importance
+    sampling shows a progress bar ``desc`` when it lasts, unless ``quiet``.
     """
     x = data[0]
     if hasattr(model, "metrics"):
         metrics = dict(model.metrics(guide, *data))
     else:
-        estimate = log_likelihood(model, guide, *data, num_samples=num_samples)
+        estimate = log_likelihood(model, guide, *data, num_samples=num_samples, quiet=quiet,
+                                  desc=desc)
         metrics = {"elbo": estimate.elbo.mean().item(),
                    "log_likelihood": estimate.log_likelihood.mean().item(),
                    "ess": estimate.ess.mean().item()}

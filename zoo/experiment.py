@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from zoo.data import Data, binarize, load_data
 from zoo.errors import ZooError
 from zoo.evaluate import evaluate
 from zoo.objectives import make_objective, traced_loss
+from zoo.progress import progress_bar
 from zoo.registry import ModelEntry, build, get_model
 from zoo.train import (
     TrainSettings,
@@ -49,7 +50,7 @@ def make_config(model: str, *, guide: str | None = None, options: dict[str, Any]
     guide = guide or entry.default_guide
     given = lambda values: {k: v for k, v in (values or {}).items() if v is not None}  # noqa: E731
     data = {"name": None, "file": None, "data_dir": None, "test_fraction": 0.1,
-            "standardize": False, **given(data)}
+            "standardize": False, "drop_constant": False, **given(data)}
     for key in ("file", "data_dir"):
         if data[key] is not None:
             data[key] = os.path.abspath(os.path.expanduser(data[key]))
@@ -83,6 +84,8 @@ class Experiment:
     guide: torch.nn.Module
     objective: Any
     settings: TrainSettings
+    history: list[dict[str, float]] = field(default_factory=list)
+    """One row per finished epoch (:func:`zoo.train.fit`); empty until trained or loaded."""
 
     @property
     def binarized(self) -> bool:
@@ -175,33 +178,70 @@ def _train(experiment: Experiment, run_dir: Path, checkpoint: dict[str, Any] | N
     history = fit(experiment.model, experiment.guide, experiment.objective,
                   experiment.train_inputs, test=experiment.test_inputs,
                   settings=experiment.settings, run_dir=run_dir, checkpoint=checkpoint,
-                  transform=experiment.train_transform)
+                  transform=experiment.train_transform,
+                  desc=f"training {experiment.entry.name} ({experiment.config['guide']} guide)")
     experiment.model.cpu(), experiment.guide.cpu()
     draw_figures(experiment, history, run_dir / runs.FIGURES)
+
+
+def _plot_loss(experiment: Experiment, path: Path) -> Path:
+    """The loss curves of the run's history, with the closed-form optimum as reference when
+    the model has one."""
+    model, x = experiment.model, experiment.data.x_train
+    reference = None
+    if hasattr(model, "maximum_likelihood"):
+        reference = -model.maximum_likelihood(x).marginal_log_prob(x).mean().item()
+    return plots.plot_training(experiment.history, path, reference=reference,
+                               reference_label="closed-form optimum")
+
+
+POSTERIOR_POINTS = 6
+"""Training points whose exact and approximate posteriors the ``posterior`` figure draws."""
+
+
+def _plot_posterior(experiment: Experiment, path: Path) -> Path:
+    points = experiment.data.x_train[:POSTERIOR_POINTS]
+    return plots.plot_posterior_ellipses(
+        experiment.model.posterior(points), experiment.guide.distribution(points), path,
+        title=f"{experiment.entry.name}: exact vs {experiment.config['guide']} guide")
+
+
+def plot_kinds(experiment: Experiment) -> dict[str, Any]:
+    """Every figure of a run, ``kind -> plot(experiment, path) -> path``: the model's own
+    (``ModelEntry.plots``), then ``posterior`` (exact against approximate posteriors of a few
+    training points over the first two latent dimensions) when the model has a closed-form
+    posterior and the guide exposes q with at least two dimensions, then ``loss``."""
+    model, guide = experiment.model, experiment.guide
+    kinds = dict(experiment.entry.plots)
+    if hasattr(model, "posterior") and hasattr(guide, "distribution"):
+        points = experiment.data.x_train[:POSTERIOR_POINTS]
+        if guide.distribution(points).event_shape[-1:] >= (2,):
+            kinds["posterior"] = _plot_posterior
+    kinds["loss"] = _plot_loss
+    return kinds
+
+
+def training_figures(experiment: Experiment) -> list[str]:
+    """The kinds every training run draws, in reading order: the loss curves, the posterior
+    figure where there is one, and the model's own figures (``ModelEntry.figures``)."""
+    kinds = plot_kinds(experiment)
+    return ["loss", *(["posterior"] if "posterior" in kinds else []), *experiment.entry.figures]
 
 
 @torch.no_grad()
 def draw_figures(experiment: Experiment, history: list[dict[str, float]], folder: Path
                  ) -> list[Path]:
-    """The figures that apply to this run: always the loss curves (with the closed-form optimum
-    as reference when the model has one); exact against approximate posteriors of a few
-    training points, over the first two latent dimensions, when the model has a closed-form
-    posterior and the guide exposes q; and the model's own figures (``ModelEntry.figures``)."""
-    model, guide, x = experiment.model, experiment.guide, experiment.data.x_train
-    reference = None
-    if hasattr(model, "maximum_likelihood"):
-        reference = -model.maximum_likelihood(x).marginal_log_prob(x).mean().item()
-    figures = [plots.plot_training(history, folder / "loss.png", reference=reference,
-                                   reference_label="closed-form optimum")]
-    points = x[:6]
-    if (hasattr(model, "posterior") and hasattr(guide, "distribution")
-            and guide.distribution(points).event_shape[-1:] >= (2,)):
-        figures.append(plots.plot_posterior_ellipses(
-            model.posterior(points), guide.distribution(points), folder / "posterior.png",
-            title=f"{experiment.entry.name}: exact vs {experiment.config['guide']} guide"))
+    """Draw the :func:`training_figures` of a run that has just trained into ``folder``, with
+    a progress bar unless the run is quiet."""
+    experiment.history = history
     experiment.model.eval(), experiment.guide.eval()
-    figures += [experiment.entry.plots[kind](experiment, folder / f"{kind}.png")
-                for kind in experiment.entry.figures]
+    kinds, names = plot_kinds(experiment), training_figures(experiment)
+    figures = []
+    with progress_bar(len(names), "training figures", quiet=experiment.settings.quiet,
+                      unit="figure") as bar:
+        for kind in names:
+            figures.append(kinds[kind](experiment, folder / f"{kind}.png"))
+            bar.update()
     return figures
 
 
@@ -212,15 +252,16 @@ def load_run(run_dir: str | os.PathLike) -> Experiment:
     experiment = build_experiment(config, quiet=True)
     experiment.model.load_state_dict(checkpoint["model"])
     experiment.guide.load_state_dict(checkpoint["guide"])
+    experiment.history = list(checkpoint["history"])
     return experiment
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, num_samples: int = 1000,
-                 splits: tuple[str, ...] = ("train", "test"), device: str = "cpu"
-                 ) -> dict[str, Any]:
+                 splits: tuple[str, ...] = ("train", "test"), device: str = "cpu",
+                 quiet: bool = False) -> dict[str, Any]:
     """Per-data-point metrics of a trained run, ``{"train": {...}, "test": {...}}`` (``test``
     only when the run has a test split; ``splits`` picks which), computed with a fixed seed on
-    ``device`` (``cpu``, ``cuda`` or ``auto``)."""
+    ``device`` (``cpu``, ``cuda`` or ``auto``), with a progress bar per split unless ``quiet``."""
     if num_samples < 1:
         raise ZooError(f"--particles must be at least 1; got {num_samples}")
     if not splits or set(splits) - {"train", "test"}:
@@ -235,25 +276,25 @@ def evaluate_run(run_dir: str | os.PathLike, *, num_samples: int = 1000,
         inputs = experiment.inputs(split)
         if inputs is not None:
             result[split] = evaluate(model, guide, *(tensor.to(where) for tensor in inputs),
-                                     num_samples=num_samples, train_x=train_x)
+                                     num_samples=num_samples, train_x=train_x, quiet=quiet,
+                                     desc=f"evaluating the {split} split")
     return result
 
 
 def plot_run(run_dir: str | os.PathLike, kind: str | None = None,
              out: str | os.PathLike | None = None) -> Path:
-    """Draw the figure ``kind`` of a trained run (the model's ``plots`` list the kinds; None:
-    the first) into ``out`` (default ``RUN/figures/<kind>.png``); return its path."""
+    """Draw the figure ``kind`` of a trained run (see :func:`plot_kinds`; None: the first) into
+    ``out`` (default ``RUN/figures/<kind>.png``; ``.png`` is added to a name without a suffix);
+    return the path written."""
+    out = None if out is None else plots.figure_path(out)
     experiment = load_run(run_dir)
-    if not experiment.entry.plots:
-        raise ZooError(f"model {experiment.entry.name} has no figures for zoo plot; those of "
-                       f"its training run are in {Path(run_dir) / runs.FIGURES}")
-    kind = kind or next(iter(experiment.entry.plots))
-    if kind not in experiment.entry.plots:
-        kinds = ", ".join(experiment.entry.plots)
+    kinds = plot_kinds(experiment)
+    kind = kind or next(iter(kinds))
+    if kind not in kinds:
         raise ZooError(f"unknown plot kind '{kind}' for model {experiment.entry.name}; "
-                       f"choose one of: {kinds}")
+                       f"choose one of: {', '.join(kinds)}")
     seed_everything(experiment.settings.seed)
     experiment.model.eval(), experiment.guide.eval()
-    path = Path(out) if out is not None else Path(run_dir) / runs.FIGURES / f"{kind}.png"
+    path = out if out is not None else Path(run_dir) / runs.FIGURES / f"{kind}.png"
     with torch.no_grad():
-        return experiment.entry.plots[kind](experiment, path)
+        return kinds[kind](experiment, path)

@@ -391,20 +391,36 @@ def sample(experiment: Experiment, num_samples: int = NUM_SAMPLES, label: int | 
     return decode(experiment, z, y)
 
 
+SAMPLES = "samples"
+"""The folder of a run that ``zoo sample`` writes into by default."""
+
+
+def new_sample_path(run_dir: str | os.PathLike) -> Path:
+    """``RUN/samples/samples-NNN.png`` with the first number not taken yet."""
+    folder = Path(run_dir) / SAMPLES
+    taken = {path.stem for path in folder.glob("samples-*.*")}
+    number = next(n for n in range(1, len(taken) + 2) if f"samples-{n:03d}" not in taken)
+    return folder / f"samples-{number:03d}.png"
+
+
 def sample_run(run_dir: str | os.PathLike, *, num_samples: int = NUM_SAMPLES,
                label: int | None = None, out: str | os.PathLike | None = None) -> Path:
     """``zoo sample``: draw from a trained run's prior and decode, with the run's seed.
 
-    ``out`` ending in ``.png`` (the default, ``RUN/figures/samples.png``) gets an image grid;
+    ``out`` ending in ``.png`` (the default, a new ``RUN/samples/samples-NNN.png``, never a
+    training figure) gets an image grid;
     ``.npy`` gets the decoder means as an array ``[n, *image_shape]`` (``[n, D]`` for tables).
     """
     from zoo.experiment import load_run  # here: zoo.experiment imports the registry, which
     #                                       imports this module
 
-    path = Path(out) if out is not None else Path(run_dir) / runs.FIGURES / "samples.png"
+    path = Path(out) if out is not None else new_sample_path(run_dir)
     if path.suffix.lower() not in (".png", ".npy"):
         raise ZooError(f"--out must end in .png (an image grid) or .npy (the decoder means); "
                        f"got {path.name}")
+    if path.exists() and path.resolve().parent == (Path(run_dir) / runs.FIGURES).resolve():
+        raise ZooError(f"{path} is a figure of the training run; choose another --out, or "
+                       f"leave --out out for a new file in {Path(run_dir) / SAMPLES}")
     experiment = load_run(run_dir)
     if not hasattr(experiment.model, "mean"):
         raise ZooError(f"zoo sample draws from generative models with a decoder (vae, cvae); "

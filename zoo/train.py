@@ -193,7 +193,8 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
         *, test: Sequence[torch.Tensor] | None = None, settings: TrainSettings | None = None,
         run_dir: Path | None = None, checkpoint: dict[str, Any] | None = None,
         transform: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]] | None = None,
-        on_epoch: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+        on_epoch: Callable[[dict[str, float]], None] | None = None, desc: str = "training"
+        ) -> list[dict[str, float]]:
     """Train ``model`` and ``guide`` on ``train`` (a tuple of tensors whose first dimension
     indexes data points, passed to model and guide as positional arguments).
 
@@ -205,7 +206,8 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
     binarization draws fresh binary images from the grey levels this way), drawing from torch's
     generator so that resuming stays exact. An objective with a ``set_progress(epochs)`` method
     (KL annealing) is told before each step how many epochs are done, as a float.
-    With ``settings.freeze_model`` only the guide's parameters are trained.
+    With ``settings.freeze_model`` only the guide's parameters are trained. The progress bar
+    (unless ``settings.quiet``) is labelled ``desc``.
     """
     settings = settings or TrainSettings()
     device = resolve_device(settings.device)
@@ -239,7 +241,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
 
     validate, first_step = is_validation_enabled(), step
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=settings.quiet,
-               dynamic_ncols=True, desc="training")
+               dynamic_ncols=True, desc=desc)
     try:
         while step < total_steps:
             epoch = len(history) + 1
