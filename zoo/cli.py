@@ -168,9 +168,10 @@ def _launch(args: argparse.Namespace, device: str, batch_size: int | None = None
             free_bits: float = 0.0) -> int:
     """Check what can be checked before starting processes, then run the command in
     ``--nproc`` processes; return the exit status."""
-    from zoo import distributed
     from zoo.train import resolve_device
 
+    if args.nproc < 1:
+        raise ZooError(f"--nproc must be at least 1; got {args.nproc}")
     distributed.backend_of(resolve_device(device))
     if batch_size is not None:
         distributed.check(batch_size, free_bits, size=args.nproc)
@@ -195,6 +196,7 @@ def _train(args: argparse.Namespace) -> int | None:
     if args.nproc is not None:
         return _launch(args, config["train"]["device"], config["train"]["batch_size"],
                        config["objective"].get("free_bits") or 0.0)
+    distributed.check(config["train"]["batch_size"], config["objective"].get("free_bits") or 0.0)
     if args.resume:
         run_dir = resume_run(args.resume, epochs=args.epochs, steps=args.steps, quiet=args.quiet)
     else:
