@@ -1,9 +1,9 @@
 """The ``zoo`` command: ``zoo list | train | evaluate | sample | plot | diagnose | demo``.
 
 Mistakes a user can fix (unknown names, bad values, missing files, bad data) print one line on
-stderr and exit with status 2; a diverged training run exits with 1, as does a run whose other
-processes stopped; an interrupted one with 130. Under several processes (torchrun, or
-``--nproc N``) rank 0 alone prints.
+stderr and exit with status 2; a diverged training run exits with 1; an interrupted one with 130;
+a run of several processes (torchrun, or ``--nproc N``) one of which stopped exits with 3. Under
+several processes rank 0 alone prints.
 """
 
 from __future__ import annotations
@@ -277,10 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"list": lambda _: _list(), "train": _train, "evaluate": _evaluate,
                 "sample": _sample, "plot": _plot, "diagnose": _diagnose,
                 "demo": _demo}[args.command](args) or 0
-    except (TrainingDiverged, distributed.RankFailed) as error:
+    except TrainingDiverged as error:
         if distributed.is_main():
             print(f"zoo: {error}", file=sys.stderr)
         return 1
+    except distributed.RankFailed as error:
+        if distributed.reports_lost_ranks():
+            print(f"zoo: error: {error}", file=sys.stderr)
+        return error.exit_status
     except ZooError as error:
         # raised inside a model or guide, Pyro re-raises it with the trace's shapes appended
         # (from the original): the original message is the one line for the user

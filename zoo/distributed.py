@@ -52,11 +52,15 @@ TIMEOUT = timedelta(minutes=5)
 """How long a collective waits for the other processes before the run stops."""
 
 _UNEXPANDED = "zoo_unexpanded_fn"
+_REPORTED_BY_LAUNCHER = "ZOO_NPROC"
+"""Set for the processes that :func:`launch` starts: it reports their failures itself."""
 _DATA_PLATE = "data"
 
 
 class RankFailed(ZooError):
     """Another process of the run stopped, or did not answer within :data:`TIMEOUT`."""
+
+    exit_status = 3
 
 
 def launched() -> bool:
@@ -82,6 +86,12 @@ def world_size() -> int:
 def is_main() -> bool:
     """Rank 0: the process that writes the run folder and prints."""
     return rank() == 0
+
+
+def reports_lost_ranks() -> bool:
+    """Whether this process reports that another one stopped: rank 0, unless :func:`launch`
+    started it (the launcher reports instead, naming the process that stopped)."""
+    return is_main() and _REPORTED_BY_LAUNCHER not in os.environ
 
 
 def check(batch_size: int, free_bits: float = 0.0, size: int | None = None) -> None:
@@ -137,11 +147,10 @@ def _collective(operation: Callable[..., Any], *args: Any) -> Any:
     try:
         return operation(*args)
     except RuntimeError as error:
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RankFailed(f"another process of the run stopped or did not answer within "
-                         f"{TIMEOUT.seconds} s ({cause}); the checkpoint of the last finished "
-                         f"epoch is kept: continue with zoo train --resume RUN, with any "
-                         f"number of processes") from error
+                         f"{TIMEOUT.seconds} s; the checkpoint of the last finished epoch is "
+                         f"kept: continue with zoo train --resume RUN, with any number of "
+                         f"processes") from error
 
 
 def sum_gradients(parameters: Sequence[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
@@ -260,16 +269,18 @@ def share_loss(loss: Callable[..., torch.Tensor], batch: Sequence[torch.Tensor]
 def launch(argv: Sequence[str], nproc: int) -> int:
     """Run ``python -m zoo ARGV`` in ``nproc`` processes on this machine through torch's
     launcher (what ``torchrun --standalone --nproc-per-node NPROC`` does) and return the exit
-    status: 0, or that of the first process that failed.
+    status: 0, that of rank 0 when it stopped with a message, else 3.
 
     The processes share the machine's cores: each gets ``OMP_NUM_THREADS`` = cores / nproc
-    unless it is set. A failure of a process stops the others; a process that stopped with a
-    message of its own (exit status 1 or 2) has printed it, any other failure gets one line.
+    unless it is set. A failure of a process stops the others. When rank 0 stopped with a
+    message of its own (exit status 1, 2 or 130) it has printed it; any other failure gets one
+    line here.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ[_REPORTED_BY_LAUNCHER] = str(nproc)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
                           run_id=f"zoo-{os.getpid()}", rdzv_backend="c10d",
@@ -277,13 +288,15 @@ def launch(argv: Sequence[str], nproc: int) -> int:
     try:
         elastic_launch(config, sys.executable)("-m", "zoo", *argv)
     except ChildFailedError as error:
+        main = error.failures.get(0)
+        if main is not None and main.exitcode in (1, 2, 130):  # rank 0 printed why
+            return main.exitcode
         failed, failure = error.get_first_failure()
-        if failure.exitcode in (1, 2, 130):
-            return failure.exitcode
         how = (f"was stopped by signal {failure.signal_name()}" if failure.exitcode < 0
+               else "lost contact with the others" if failure.exitcode == RankFailed.exit_status
                else f"exited with status {failure.exitcode}")
         print(f"zoo: error: process {failed} of {nproc} {how}, and the others were stopped; "
               f"the checkpoint of the last finished epoch is kept: continue with "
               f"zoo train --resume RUN, with any number of processes", file=sys.stderr)
-        return 1
+        return RankFailed.exit_status
     return 0
