@@ -18,6 +18,10 @@ with a finite loss makes the parameters non-finite, hence the next step's loss: 
 one step later, and at the latest by a check of the parameters before each checkpoint, so a
 checkpoint on disk always holds finite parameters. (Checking the gradients themselves at every
 step would cost a pass over all of them, about 4% of a step of the MNIST VAE.)
+
+Under several processes (torchrun, ``zoo train --nproc N``) each rank computes the loss of its
+share of every batch and the gradients are summed over the ranks (:mod:`zoo.distributed`):
+the same steps as one process, and rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -147,8 +151,8 @@ def rng_state() -> dict[str, Any]:
     name, key, position, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": [name, torch.from_numpy(key.astype(np.int64)), position, has_gauss, gauss]}
-    if torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_initialized():  # the generator training draws from: the current GPU's
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -158,7 +162,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, key, position, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, key.numpy().astype(np.uint32), position, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]  # older checkpoints hold a list: the state of every GPU
+        torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, list)
+                                 else cuda)  # on this rank's GPU, under several processes
 
 
 def trainable_parameters(model: torch.nn.Module, guide: torch.nn.Module, freeze_model: bool
@@ -224,6 +230,8 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
     num_train = train[0].shape[0]
     batch_size = min(settings.batch_size, num_train)
     steps_per_epoch = math.ceil(num_train / batch_size)
+    if settings.jit:
+        distributed.check_recordings(num_train, batch_size)
     total_steps = settings.steps or settings.epochs * steps_per_epoch
     set_progress = getattr(objective, "set_progress", None)
     schedule = LR_SCHEDULES[settings.lr_schedule]
