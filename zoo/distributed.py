@@ -80,6 +80,7 @@ def rank() -> int:
 
 
 def world_size() -> int:
+    """The number of processes in this process's group, 1 outside one."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -287,6 +288,7 @@ def launch(argv: Sequence[str], nproc: int) -> int:
     message of its own (exit status 1, 2 or 130) it has printed it; any other failure gets one
     line here.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -298,6 +300,8 @@ def launch(argv: Sequence[str], nproc: int) -> int:
                           rdzv_endpoint="localhost:0", max_restarts=0)
     try:
         elastic_launch(config, sys.executable)("-m", "zoo", *argv)
+    except SignalException:  # Ctrl-C: the launcher passed it on, and rank 0 said what is kept
+        return 130
     except ChildFailedError as error:
         main = error.failures.get(0)
         if main is not None and main.exitcode in (1, 2, 130):  # rank 0 printed why
