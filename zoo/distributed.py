@@ -294,7 +294,9 @@ def launch(argv: Sequence[str], nproc: int) -> int:
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     os.environ[_REPORTED_BY_LAUNCHER] = str(nproc)
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
+        if name.startswith("torch.distributed.elastic"):  # zoo says in one line what failed
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
                           run_id=f"zoo-{os.getpid()}", rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", max_restarts=0)
