@@ -1,7 +1,9 @@
 """The ``zoo`` command: ``zoo list | train | evaluate | sample | plot | diagnose | demo``.
 
 Mistakes a user can fix (unknown names, bad values, missing files, bad data) print one line on
-stderr and exit with status 2; a diverged training run exits with 1; an interrupted one with 130.
+stderr and exit with status 2; a diverged training run exits with 1; an interrupted one with 130;
+a run of several processes (torchrun, or ``--nproc N``) one of which stopped exits with 3. Under
+several processes rank 0 alone prints.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import textwrap
 import warnings
 from collections.abc import Sequence
 
+from zoo import distributed
 from zoo.errors import ZooError
 
 LIST_WIDTH = 100
@@ -82,6 +85,13 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="run folder (default runs/<model>-<dataset>-<time>)")
     out.add_argument("--force", action="store_true", help="overwrite an existing run folder")
     out.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_nproc_argument(parser)
+
+
+def _add_nproc_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="run in N processes on this machine, through torch's launcher "
+                             "(the same as torchrun --standalone --nproc-per-node N -m zoo ...)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="cpu (default), cuda or auto: where to evaluate")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_nproc_argument(evaluate)
     sample = commands.add_parser("sample", help="draw new data from a trained generative model")
     sample.add_argument("run", metavar="RUN", help="run folder")
     sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
@@ -154,52 +165,85 @@ def _list() -> None:
         print(row(name, description))
 
 
-def _train(args: argparse.Namespace) -> None:
-    from zoo.experiment import make_config, resume_run, train_run
+def _new_config(args: argparse.Namespace) -> dict:
+    from zoo.experiment import make_config
+
+    if args.model is None:
+        raise ZooError("name a model to train (see zoo list), or --resume RUN")
+    if args.dataset is not None and args.data is not None:
+        raise ZooError("give either --dataset NAME or --data FILE, not both")
+    return make_config(
+        args.model, guide=args.guide,
+        options={name: getattr(args, name) for name in args.model_options},
+        data={"name": args.dataset, "file": args.data, "data_dir": args.data_dir,
+              "test_fraction": args.test_fraction, "standardize": args.standardize,
+              "drop_constant": args.drop_constant},
+        objective={"name": args.loss, "num_particles": args.particles,
+                   "num_groups": args.num_groups, "beta": args.beta,
+                   "anneal_epochs": args.anneal_epochs, "free_bits": args.free_bits},
+        train={"epochs": args.epochs, "steps": args.steps, "batch_size": args.batch_size,
+               "lr": args.lr, "optimizer": args.optimizer, "lr_schedule": args.lr_schedule,
+               "clip_norm": args.clip_norm, "seed": args.seed, "device": args.device,
+               "freeze_model": args.freeze_model, "jit": args.jit})
+
+
+def _launch(args: argparse.Namespace, device: str, batch_size: int | None = None,
+            free_bits: float = 0.0) -> int:
+    """Check what can be checked before starting processes, then run the command in
+    ``--nproc`` processes; return the exit status."""
+    from zoo.train import resolve_device
+
+    if args.nproc < 1:
+        raise ZooError(f"--nproc must be at least 1; got {args.nproc}")
+    distributed.backend_of(resolve_device(device))
+    if batch_size is not None:
+        distributed.check(batch_size, free_bits, size=args.nproc)
+    return distributed.launch(args.argv, args.nproc)
+
+
+def _train(args: argparse.Namespace) -> int | None:
+    from zoo.experiment import resume_run, train_run
+    from zoo.runs import read_config
 
     if args.resume:
         given = [flag for flag, value in vars(args).items()
                  if value not in (None, False) and flag not in
-                 ("command", "resume", "epochs", "steps", "quiet", "model_options")]
+                 ("command", "resume", "epochs", "steps", "quiet", "model_options", "nproc",
+                  "argv")]
         if given:
             flags = ", ".join("--" + flag.replace("_", "-") if flag != "model" else "MODEL"
                               for flag in given)
             raise ZooError(f"--resume continues a run with its own settings; drop {flags} "
-                           f"(only --epochs, --steps and --quiet may change)")
+                           f"(only --epochs, --steps, --quiet and --nproc may change)")
+    config = read_config(args.resume) if args.resume else _new_config(args)
+    if args.nproc is not None:
+        return _launch(args, config["train"]["device"], config["train"]["batch_size"],
+                       config["objective"].get("free_bits") or 0.0)
+    distributed.check(config["train"]["batch_size"], config["objective"].get("free_bits") or 0.0)
+    if args.resume:
         run_dir = resume_run(args.resume, epochs=args.epochs, steps=args.steps, quiet=args.quiet)
     else:
-        if args.model is None:
-            raise ZooError("name a model to train (see zoo list), or --resume RUN")
-        if args.dataset is not None and args.data is not None:
-            raise ZooError("give either --dataset NAME or --data FILE, not both")
-        config = make_config(
-            args.model, guide=args.guide,
-            options={name: getattr(args, name) for name in args.model_options},
-            data={"name": args.dataset, "file": args.data, "data_dir": args.data_dir,
-                  "test_fraction": args.test_fraction, "standardize": args.standardize,
-                  "drop_constant": args.drop_constant},
-            objective={"name": args.loss, "num_particles": args.particles,
-                       "num_groups": args.num_groups, "beta": args.beta,
-                       "anneal_epochs": args.anneal_epochs, "free_bits": args.free_bits},
-            train={"epochs": args.epochs, "steps": args.steps, "batch_size": args.batch_size,
-                   "lr": args.lr, "optimizer": args.optimizer, "lr_schedule": args.lr_schedule,
-                   "clip_norm": args.clip_norm, "seed": args.seed, "device": args.device,
-                   "freeze_model": args.freeze_model, "jit": args.jit})
         run_dir = train_run(config, args.out, force=args.force, quiet=args.quiet)
-    print(run_dir)
+    if distributed.is_main():
+        print(run_dir)
+    return None
 
 
-def _evaluate(args: argparse.Namespace) -> None:
+def _evaluate(args: argparse.Namespace) -> int | None:
     from zoo.experiment import evaluate_run
 
+    if args.nproc is not None:
+        return _launch(args, args.device)
     splits = ("train", "test") if args.split == "both" else (args.split,)
     result = evaluate_run(args.run, num_samples=args.particles, splits=splits,
                           device=args.device, quiet=args.quiet)
     if not result:
         raise ZooError(f"run {args.run} has no {args.split} split to evaluate")
+    if not distributed.is_main():
+        return None
     if args.json:
         print(json.dumps(result))
-        return
+        return None
     names = list(dict.fromkeys(name for split in result.values() for name in split))
     print(f"{'metric (mean per data point)':30s}" + "".join(f"{s:>14s}" for s in result))
     for name in names:
@@ -207,6 +251,7 @@ def _evaluate(args: argparse.Namespace) -> None:
                                       for values in result.values()))
     if "bic" in names:
         print("(bic is for the whole split: -2 log-likelihood + parameters x log N)")
+    return None
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -252,31 +297,44 @@ def _close_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if distributed.started_by_launcher() and getattr(args, "nproc", None) is not None:
+        args.nproc = None  # this process is one of those that --nproc (or torchrun) started
+    args.argv = argv
     warnings.showwarning = _show_warning
     from zoo.train import TrainingDiverged
 
     try:
-        {"list": lambda _: _list(), "train": _train, "evaluate": _evaluate, "sample": _sample,
-         "plot": _plot, "diagnose": _diagnose, "demo": _demo}[args.command](args)
+        status = {"list": lambda _: _list(), "train": _train, "evaluate": _evaluate,
+                  "sample": _sample, "plot": _plot, "diagnose": _diagnose,
+                  "demo": _demo}[args.command](args) or 0
         sys.stdout.flush()
+        return status
     except BrokenPipeError:
         # the reader of stdout has gone (zoo list | head -1): nothing more to say to anyone
         _close_stdout()
         return 0
     except TrainingDiverged as error:
-        print(f"zoo: {error}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"zoo: {error}", file=sys.stderr)
         return 1
+    except distributed.RankFailed as error:
+        if distributed.reports_lost_ranks():
+            print(f"zoo: error: {error}", file=sys.stderr)
+        return error.exit_status
     except ZooError as error:
         # raised inside a model or guide, Pyro re-raises it with the trace's shapes appended
         # (from the original): the original message is the one line for the user
         while isinstance(error.__cause__, ZooError):
             error = error.__cause__
-        print(f"zoo: error: {error}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"zoo: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("zoo: interrupted; the checkpoint of the last finished epoch is kept "
-              "(continue with zoo train --resume RUN)", file=sys.stderr)
+        if distributed.is_main():
+            print("zoo: interrupted; the checkpoint of the last finished epoch is kept "
+                  "(continue with zoo train --resume RUN)", file=sys.stderr)
         return 130
     except OSError as error:
         if error.errno != errno.ENOSPC:
@@ -285,4 +343,5 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"free some space or write elsewhere", file=sys.stderr)
         _close_stdout()
         return 1
-    return 0
+    finally:
+        distributed.shutdown()

@@ -20,12 +20,16 @@ its own per-data-point metrics instead of importance sampling, as
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.distributions import kl_divergence
 
+from zoo import distributed
 from zoo.errors import ZooError
 from zoo.objectives import as_multivariate, log_weights
 from zoo.progress import progress_bar
@@ -40,10 +44,24 @@ class ImportanceEstimate:
     ess: torch.Tensor
 
 
+@contextlib.contextmanager
+def _chunk_stream(seed: int | None, start: int, device: torch.device) -> Iterator[None]:
+    """The random stream of the chunk of data points from row ``start``: its own, seeded by
+    (``seed``, ``start``) through NumPy's ``SeedSequence``; the current one when ``seed`` is
+    None."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(np.random.SeedSequence([seed, start]).generate_state(1)[0]))
+        yield
+
+
 @torch.no_grad()
 def log_likelihood(model, guide, *data: torch.Tensor, num_samples: int = 1000,
-                   max_elements: int = 30_000_000, quiet: bool = False,
-                   desc: str = "importance sampling") -> ImportanceEstimate:
+                   max_elements: int = 30_000_000, seed: int | None = None,
+                   quiet: bool = False, desc: str = "importance sampling"
+                   ) -> ImportanceEstimate:
     """Importance-sampled log p(x_n) for each data point, with the ELBO and ESS of the draws.
 
     ``data`` are the model's inputs, first dimension N. The work is chunked over data points and
@@ -52,6 +70,12 @@ def log_likelihood(model, guide, *data: torch.Tensor, num_samples: int = 1000,
     of an MNIST VAE near 1 GB whatever N and K); the chunks are combined exactly by
     log-sum-exp, so the result does not depend on the chunking. A progress bar ``desc``
     counts the draws when the work lasts (:mod:`zoo.progress`) unless ``quiet``.
+
+    With a ``seed``, each chunk of data points draws from its own random stream (seeded by
+    ``seed`` and its first row), so the result does not depend on the order of the chunks
+    either: under several processes (:mod:`zoo.distributed`) each takes every N-th chunk and one
+    all-reduce gathers the columns, with the same result as one process. Without a seed the
+    chunks draw in turn from the current stream, in one process.
     """
     if num_samples < 1:
         raise ZooError(f"the importance-sampled log-likelihood needs at least 1 sample per data "
@@ -60,26 +84,33 @@ def log_likelihood(model, guide, *data: torch.Tensor, num_samples: int = 1000,
     pairs = max(1, max_elements // point_size)
     rows = max(1, min(num_data, pairs // num_samples))
     particles = max(1, min(num_samples, pairs // rows))
-    results = []
-    bar = progress_bar(num_data * num_samples, desc, quiet=quiet, unit="draw", unit_scale=True)
-    for start in range(0, num_data, rows):
+    columns = data[0].new_zeros(3, num_data)  # log p(x_n), ELBO_n, ESS_n
+    starts = range(0, num_data, rows)
+    mine = starts if seed is None else distributed.mine(starts)
+    my_points = sum(min(rows, num_data - start) for start in mine)
+    bar = progress_bar(my_points * num_samples, desc, quiet=quiet, unit="draw", unit_scale=True)
+    for start in mine:
         chunk = tuple(tensor[start:start + rows] for tensor in data)
         log_sum_w, log_sum_w2, sum_log_w = None, None, 0.0
-        for done in range(0, num_samples, particles):
-            log_w = log_weights(model, guide, *chunk,
-                                num_particles=min(particles, num_samples - done))
-            parts = (torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0))
-            if log_sum_w is None:
-                log_sum_w, log_sum_w2 = parts
-            else:
-                log_sum_w = torch.logaddexp(log_sum_w, parts[0])
-                log_sum_w2 = torch.logaddexp(log_sum_w2, parts[1])
-            sum_log_w = sum_log_w + log_w.sum(0)
-            bar.update(log_w.numel())
-        results.append((log_sum_w - math.log(num_samples), sum_log_w / num_samples,
-                        torch.exp(2 * log_sum_w - log_sum_w2)))
+        with _chunk_stream(seed, start, data[0].device):
+            for done in range(0, num_samples, particles):
+                log_w = log_weights(model, guide, *chunk,
+                                    num_particles=min(particles, num_samples - done))
+                parts = (torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0))
+                if log_sum_w is None:
+                    log_sum_w, log_sum_w2 = parts
+                else:
+                    log_sum_w = torch.logaddexp(log_sum_w, parts[0])
+                    log_sum_w2 = torch.logaddexp(log_sum_w2, parts[1])
+                sum_log_w = sum_log_w + log_w.sum(0)
+                bar.update(log_w.numel())
+        columns[:, start:start + rows] = torch.stack([
+            log_sum_w - math.log(num_samples), sum_log_w / num_samples,
+            torch.exp(2 * log_sum_w - log_sum_w2)])
     bar.close()
-    log_px, elbo, ess = (torch.cat(column) for column in zip(*results, strict=True))
+    if seed is not None:
+        distributed.sum_over_ranks(columns)
+    log_px, elbo, ess = columns
     return ImportanceEstimate(log_likelihood=log_px, elbo=elbo, ess=ess)
 
 
@@ -100,8 +131,8 @@ def active_units(posterior_means: torch.Tensor, threshold: float = ACTIVE_UNIT_T
 
 @torch.no_grad()
 def evaluate(model, guide, *data: torch.Tensor, num_samples: int = 1000,
-             train_x: torch.Tensor | None = None, quiet: bool = False,
-             desc: str = "evaluating") -> dict[str, float]:
+             train_x: torch.Tensor | None = None, seed: int | None = None,
+             quiet: bool = False, desc: str = "evaluating") -> dict[str, float]:
     """Per-data-point means, in nats, of every metric that applies to this model and guide.
 
     Always ``elbo`` and ``log_likelihood`` (importance-sampled with ``num_samples`` draws) and
@@ -109,15 +140,16 @@ def evaluate(model, guide, *data: torch.Tensor, num_samples: int = 1000,
     marginal; ``mle_log_likelihood`` (the closed-form optimum fitted on ``train_x``, evaluated on
     ``data``) when it has a closed-form maximum-likelihood solution; ``posterior_kl``, the mean
     KL(q(z|x) || p(z|x)), when the model has a closed-form posterior and the guide exposes q;
-    ``active_units`` when the guide exposes q (see :func:`active_units`). The importance
-    sampling shows a progress bar ``desc`` when it lasts, unless ``quiet``.
+    ``active_units`` when the guide exposes q (see :func:`active_units`). ``seed`` gives the
+    importance sampling its own streams (see :func:`log_likelihood`); it shows a progress bar
+    ``desc`` when it lasts, unless ``quiet``.
     """
     x = data[0]
     if hasattr(model, "metrics"):
         metrics = dict(model.metrics(guide, *data))
     else:
-        estimate = log_likelihood(model, guide, *data, num_samples=num_samples, quiet=quiet,
-                                  desc=desc)
+        estimate = log_likelihood(model, guide, *data, num_samples=num_samples, seed=seed,
+                                  quiet=quiet, desc=desc)
         metrics = {"elbo": estimate.elbo.mean().item(),
                    "log_likelihood": estimate.log_likelihood.mean().item(),
                    "ess": estimate.ess.mean().item()}

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 import zoo
-from zoo import plots, runs
+from zoo import distributed, plots, runs
 from zoo.data import Data, binarize, load_data
 from zoo.errors import ZooError
 from zoo.evaluate import evaluate
@@ -155,8 +155,10 @@ def train_run(config: dict[str, Any], out: str | os.PathLike | None = None, *,
               force: bool = False, quiet: bool = False) -> Path:
     """Train a new run described by ``config`` into a fresh run folder; return its path."""
     experiment = build_experiment(config, quiet=quiet)
-    run_dir = runs.create_run_dir(out or default_run_dir(config), force=force)
-    runs.write_config(run_dir, config)
+    run_dir = Path(out or default_run_dir(config))
+    if distributed.is_main():  # under several processes, rank 0 alone writes the run folder
+        runs.create_run_dir(run_dir, force=force)
+        runs.write_config(run_dir, config)
     _train(experiment, run_dir, checkpoint=None)
     return run_dir
 
@@ -168,7 +170,8 @@ def resume_run(run_dir: str | os.PathLike, *, epochs: int | None = None,
     config = runs.read_config(run_dir)
     if epochs is not None or steps is not None:
         config["train"].update(epochs=epochs or config["train"]["epochs"], steps=steps)
-        runs.write_config(run_dir, config)
+        if distributed.is_main():
+            runs.write_config(run_dir, config)
     experiment = build_experiment(config, quiet=quiet)
     _train(experiment, run_dir, checkpoint=runs.load_checkpoint(run_dir))
     return run_dir
@@ -181,7 +184,8 @@ def _train(experiment: Experiment, run_dir: Path, checkpoint: dict[str, Any] | N
                   transform=experiment.train_transform,
                   desc=f"training {experiment.entry.name} ({experiment.config['guide']} guide)")
     experiment.model.cpu(), experiment.guide.cpu()
-    draw_figures(experiment, history, run_dir / runs.FIGURES)
+    if distributed.is_main():
+        draw_figures(experiment, history, run_dir / runs.FIGURES)
 
 
 def _plot_loss(experiment: Experiment, path: Path) -> Path:
@@ -266,7 +270,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, num_samples: int = 1000,
         raise ZooError(f"--particles must be at least 1; got {num_samples}")
     if not splits or set(splits) - {"train", "test"}:
         raise ZooError(f"splits must be train and/or test; got {', '.join(splits) or 'none'}")
-    where = resolve_device(device)
+    where = distributed.setup(resolve_device(device))
     experiment = load_run(run_dir)
     seed_everything(experiment.settings.seed)
     model, guide = experiment.model.to(where).eval(), experiment.guide.to(where).eval()
@@ -276,7 +280,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, num_samples: int = 1000,
         inputs = experiment.inputs(split)
         if inputs is not None:
             result[split] = evaluate(model, guide, *(tensor.to(where) for tensor in inputs),
-                                     num_samples=num_samples, train_x=train_x, quiet=quiet,
+                                     num_samples=num_samples, train_x=train_x,
+                                     seed=experiment.settings.seed, quiet=quiet,
                                      desc=f"evaluating the {split} split")
     return result
 

@@ -18,6 +18,10 @@ with a finite loss makes the parameters non-finite, hence the next step's loss: 
 one step later, and at the latest by a check of the parameters before each checkpoint, so a
 checkpoint on disk always holds finite parameters. (Checking the gradients themselves at every
 step would cost a pass over all of them, about 4% of a step of the MNIST VAE.)
+
+Under several processes (torchrun, ``zoo train --nproc N``) each rank computes the loss of its
+share of every batch and the gradients are summed over the ranks (:mod:`zoo.distributed`):
+the same steps as one process, and rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from pyro.distributions import is_validation_enabled
 from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
+from zoo import distributed
 from zoo.errors import ZooError
 from zoo.objectives import traced_loss
 from zoo.runs import CHECKPOINT, append_metrics, save_checkpoint, write_metrics
@@ -146,8 +151,8 @@ def rng_state() -> dict[str, Any]:
     name, key, position, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": [name, torch.from_numpy(key.astype(np.int64)), position, has_gauss, gauss]}
-    if torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_initialized():  # the generator training draws from: the current GPU's
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -157,7 +162,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, key, position, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, key.numpy().astype(np.uint32), position, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]  # older checkpoints hold a list: the state of every GPU
+        torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, list)
+                                 else cuda)  # on this rank's GPU, under several processes
 
 
 def trainable_parameters(model: torch.nn.Module, guide: torch.nn.Module, freeze_model: bool
@@ -210,19 +217,23 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
     (unless ``settings.quiet``) is labelled ``desc``.
     """
     settings = settings or TrainSettings()
-    device = resolve_device(settings.device)
+    distributed.check(settings.batch_size, getattr(objective, "free_bits", 0.0))
+    device = distributed.setup(resolve_device(settings.device))
     model.to(device), guide.to(device)
     train = tuple(tensor.to(device) for tensor in train)
     test = None if test is None else tuple(tensor.to(device) for tensor in test)
     parameters = trainable_parameters(model, guide, settings.freeze_model)
-    loss_of = (traced_loss(objective, model, guide) if settings.jit
-               else partial(objective.differentiable_loss, model, guide))
+    shared_guide = distributed.share_guide(guide)
+    loss_of = (traced_loss(objective, model, shared_guide) if settings.jit
+               else partial(objective.differentiable_loss, model, shared_guide))
     model.requires_grad_(not settings.freeze_model)
     optimizer = make_optimizer(settings.optimizer, parameters, settings.lr)
 
     num_train = train[0].shape[0]
     batch_size = min(settings.batch_size, num_train)
     steps_per_epoch = math.ceil(num_train / batch_size)
+    if settings.jit:
+        distributed.check_recordings(num_train, batch_size)
     total_steps = settings.steps or settings.epochs * steps_per_epoch
     set_progress = getattr(objective, "set_progress", None)
     schedule = LR_SCHEDULES[settings.lr_schedule]
@@ -236,11 +247,12 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
         optimizer.load_state_dict(checkpoint["optimizer"])
         history, step = list(checkpoint["history"]), checkpoint["step"]
         set_rng_state(checkpoint["rng"])
-        if run_dir is not None:
+        if run_dir is not None and distributed.is_main():
             write_metrics(run_dir, history)
 
     validate, first_step = is_validation_enabled(), step
-    bar = tqdm(total=total_steps, initial=step, unit="step", disable=settings.quiet,
+    bar = tqdm(total=total_steps, initial=step, unit="step",
+               disable=settings.quiet or not distributed.is_main(),
                dynamic_ncols=True, desc=desc)
     try:
         while step < total_steps:
@@ -257,9 +269,10 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
                     set_progress(step / steps_per_epoch)
                 size = batch[0].shape[0]
                 with pyro.validation_enabled(validate and step == first_step):
-                    loss = loss_of(*batch) / size
+                    loss = distributed.share_loss(loss_of, batch) / size
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                loss = distributed.sum_gradients(parameters, loss)
                 if not bool(torch.isfinite(loss)):
                     raise _diverged(f"the loss is not finite at epoch {epoch}, step "
                                     f"{begin // batch_size + 1} (step {step + 1} overall)",
@@ -278,19 +291,20 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
                 raise _diverged(f"the parameters are not finite after step {step} (the end of "
                                 f"epoch {epoch}): a gradient was not finite", run_dir, epoch)
             row = {"epoch": epoch, "step": step, "train_loss": loss_sum.item() / seen,
-                   "test_loss": None if test is None else average_loss(
-                       objective, model, guide, test, seed=settings.seed + epoch),
+                   "test_loss": None if test is None or not distributed.is_main()
+                   else average_loss(objective, model, guide, test, seed=settings.seed + epoch),
                    "seconds": seconds}
             history.append(row)
             bar.set_postfix({"epoch": epoch, "loss": f"{row['train_loss']:.4g}",
                              "items/s": f"{seen / seconds:.0f}"}, refresh=False)
-            if run_dir is not None:
+            if run_dir is not None and distributed.is_main():
                 append_metrics(run_dir, row)
                 save_checkpoint(run_dir, {
                     "model": model.state_dict(), "guide": guide.state_dict(),
                     "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
                     "history": history,
                     "rng": rng_state()})
+            row["test_loss"] = distributed.from_main(row["test_loss"])
             if on_epoch is not None:
                 on_epoch(row)
     finally:
