@@ -732,3 +732,26 @@ def test_a_guide_site_missing_from_the_model_gets_pyros_warning():
         with pyro.validation_enabled(True), pytest.warns(
                 UserWarning, match="Found non-auxiliary vars in guide but not model"):
             objective.loss(model, guide, torch.zeros(4))
+
+
+def test_nested_plates_with_several_particles_are_refused_and_with_one_are_pyros():
+    """A plate at dim -3 beside the particles' at dim -2: refused with several particles; with
+    one particle (no particle plate) the ELBO is Pyro's Trace_ELBO on the same draws."""
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("rows", 3, dim=-3):
+            r = pyro.sample("r", dist.Normal(mu, 1.0))
+            with pyro.plate("data", 4):
+                pyro.sample("x", dist.Normal(r, 1.0), obs=x.unsqueeze(-2))
+
+    def guide(x):
+        mu = pyro.sample("mu", dist.Normal(0.2, 0.7))
+        with pyro.plate("rows", 3, dim=-3):
+            pyro.sample("r", dist.Normal(mu / 2 + 0.1, 0.8))
+
+    x = torch.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    ours, pyros = _on_same_draws(20, lambda: ELBO(analytic_kl=False).loss(model, guide, x),
+                                 lambda: Trace_ELBO(max_plate_nesting=3).loss(model, guide, x))
+    assert ours == pytest.approx(pyros, rel=1e-6)
+    with pytest.raises(ZooError, match="site 'r' is in the plate 'rows' at dim -3"):
+        IWAE(num_particles=3).loss(model, guide, x)

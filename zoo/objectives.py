@@ -262,6 +262,18 @@ def _check_unscaled(sites: list[tuple[str, dict]], sites_of_scale: dict[float, l
             f"each site, or pass the whole data set unscaled")
 
 
+def _check_plate_dims(sites: list[tuple[str, dict]]) -> None:
+    """The particles take dim -2, so every other plate must be at dim -1."""
+    for name, site in sites:
+        for frame in site["cond_indep_stack"]:
+            if frame.name != PARTICLE_PLATE and frame.dim != -1:
+                raise ZooError(
+                    f"site '{name}' is in the plate '{frame.name}' at dim {frame.dim}; with more "
+                    f"than one particle zoo's objectives take the particles at dim -2 and one "
+                    f"plate dimension, -1. Use one particle, or Pyro's Trace_ELBO with "
+                    f"max_plate_nesting set, for nested plates")
+
+
 def draw(model: Callable, guide: Callable, *args: Tensor, num_particles: int = 1,
          stop_guide_gradients: bool = False, route: bool = False, allow_joint: bool = False,
          scaled_sites: bool = False, **kwargs) -> Draws:
@@ -310,6 +322,8 @@ def draw(model: Callable, guide: Callable, *args: Tensor, num_particles: int = 1
     model_sites = _sample_sites(model_trace)
     if not allow_joint:
         _check_plates(model_sites)
+    if num_particles > 1:
+        _check_plate_dims(model_sites + guide_sites)
     _check_guide_samples_every_latent(model_sites, guide_sites)
     if is_validation_enabled():
         # the particle plate (dim -2) lies outside one plate dimension, which may broadcast
