@@ -13,6 +13,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.nn import PyroModule
 
 from zoo.errors import ZooError
 from zoo.guides.ppca import FullGuide, MeanFieldGuide
@@ -147,15 +148,16 @@ def test_elbo_matches_pyro_with_many_particles_and_with_the_analytic_kl(model_an
     assert abs(ours - ours_analytic) > 1e-2  # different estimators of the same bound
 
 
-def test_iwae_agrees_with_renyi_alpha_zero_on_a_single_data_point(model_and_x):
+def test_iwae_is_renyi_alpha_zero_on_a_batch(model_and_x):
+    """Pyro's RenyiELBO takes its log-mean-exp per element of the plates all model sites share:
+    on the 40 points of a data plate without subsampling it is IWAE, draw for draw."""
     model, x = model_and_x
     guide = MeanFieldGuide(6, 2)
-    one = x[:1]
     ours, renyi = _on_same_draws(
-        2, lambda: IWAE(num_particles=50).loss(model, guide, one),
-        lambda: RenyiELBO(alpha=0, num_particles=50, vectorize_particles=True,
-                          max_plate_nesting=1).loss(model, guide, one))
-    assert ours == pytest.approx(renyi, abs=1e-3)
+        2, lambda: IWAE(num_particles=8).loss(model, guide, x),
+        lambda: RenyiELBO(alpha=0, num_particles=8, vectorize_particles=True,
+                          max_plate_nesting=1).loss(model, guide, x))
+    assert ours == pytest.approx(renyi, rel=1e-6)
 
 
 def test_iwae_is_per_data_point_on_a_batch(model_and_x):
@@ -514,3 +516,242 @@ def test_discrete_guides_are_refused_with_a_pointer_to_other_objectives():
 def test_invalid_objective_settings_are_refused(name, options, message):
     with pytest.raises(ZooError, match=message):
         make_objective(name, **options)
+
+
+def test_renyi_puts_the_subsampling_scale_inside_its_log_mean_exp():
+    """For B = 8 of N = 40 points, RenyiELBO(alpha=0) is -sum_n log mean_k exp(5 log w_kn), and
+    IWAE -5 sum_n log mean_k w_kn, on the same draws; without subsampling they are equal."""
+    decoder, encoder, x = _Decoder(), _Encoder(), _subsampled_x()
+
+    def renyi(size):
+        return RenyiELBO(alpha=0, num_particles=6, vectorize_particles=True,
+                         max_plate_nesting=1).loss(decoder, encoder, x, size=size)
+
+    ours, theirs, draws, ours_whole, theirs_whole = _on_same_draws(
+        12, lambda: IWAE(num_particles=6).loss(decoder, encoder, x, size=40),
+        lambda: renyi(40), lambda: draw(decoder, encoder, x, num_particles=6, size=40),
+        lambda: IWAE(num_particles=6).loss(decoder, encoder, x, size=8), lambda: renyi(8))
+    log_w = draws.log_weights()
+    assert theirs == pytest.approx(-(torch.logsumexp(5 * log_w, 0) - math.log(6)).sum().item(),
+                                   rel=1e-6)
+    assert ours == pytest.approx(-5 * (torch.logsumexp(log_w, 0) - math.log(6)).sum().item(),
+                                 rel=1e-6)
+    assert abs(ours - theirs) > 1.0
+    assert ours_whole == pytest.approx(theirs_whole, rel=1e-6)
+
+
+KEEP = torch.tensor([True, True, False, True, False, True])
+"""Two of six data points masked out."""
+
+
+class _MaskedModel(PyroModule):
+    """z_n ~ N(0, I_2), x_n | z_n ~ N(W z_n, I_3), the data points where ``keep`` is False
+    masked out of every site."""
+
+    def __init__(self, keep):
+        super().__init__()
+        self.keep = keep
+        self.W = torch.nn.Parameter(torch.tensor([[1.0, 0.5], [-0.4, 1.2], [0.3, 0.8]]))
+
+    def forward(self, x):
+        with pyro.plate("data", len(x)), poutine.mask(mask=self.keep):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ self.W.T, 1.0).to_event(1), obs=x)
+
+
+class _MaskedGuide(_Encoder):
+    """The encoder, with the data points where ``keep`` is False masked out."""
+
+    def __init__(self, keep):
+        super().__init__()
+        self.keep = keep
+
+    def forward(self, x):
+        with poutine.mask(mask=self.keep):
+            super().forward(x, size=len(x))
+
+
+def _masked_x():
+    return torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("num_particles", [1, 4])
+def test_masks_count_in_the_closed_form_kl_as_in_pyros_elbos(num_particles):
+    """Two of six points masked in model and guide: the ELBO with the closed-form KL is Pyro's
+    TraceMeanField_ELBO, and with the Monte-Carlo KL Pyro's Trace_ELBO, value and gradients, on
+    the same draws."""
+    model, guide, x = _MaskedModel(KEEP), _MaskedGuide(KEEP), _masked_x()
+    options = dict(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
+    ours, pyros, ours_mc, pyros_mc = _on_same_draws(
+        14, lambda: ELBO(num_particles=num_particles).differentiable_loss(model, guide, x),
+        lambda: TraceMeanField_ELBO(**options).differentiable_loss(model, guide, x),
+        lambda: ELBO(num_particles=num_particles, analytic_kl=False).differentiable_loss(
+            model, guide, x),
+        lambda: Trace_ELBO(**options).differentiable_loss(model, guide, x))
+    for first, second in ((ours, pyros), (ours_mc, pyros_mc)):
+        torch.testing.assert_close(first, second, rtol=1e-6, atol=1e-5)
+        for module in (model, guide):
+            _assert_same_gradients(_gradients(first, module), _gradients(second, module))
+
+
+def test_a_mask_that_differs_between_model_and_guide_falls_back_to_the_monte_carlo_kl():
+    """m_p log p(z) - m_q log q(z) is no KL: the ELBO takes the Monte-Carlo terms as they are."""
+    model, guide, x = _MaskedModel(KEEP), _MaskedGuide(~KEEP), _masked_x()
+    analytic, monte_carlo = _on_same_draws(
+        15, lambda: ELBO(num_particles=3).loss(model, guide, x),
+        lambda: ELBO(num_particles=3, analytic_kl=False).loss(model, guide, x))
+    assert analytic == pytest.approx(monte_carlo, rel=1e-6)
+
+
+def test_free_bits_count_masked_points_as_absent():
+    """sum_n m_n [E log p(x_n | z_n) - sum_d max(lambda, mean_{m_n' = 1} KL_n'd)]."""
+    model, guide, x = _MaskedModel(KEEP), _MaskedGuide(KEEP), _masked_x()
+    loss, draws = _on_same_draws(16, lambda: ELBO(free_bits=0.4).loss(model, guide, x),
+                                 lambda: draw(model, guide, x))
+    loc, scale = x @ guide.A.T + guide.c, guide.log_s.exp()
+    kl = 0.5 * (loc ** 2 + scale ** 2 - 1 - 2 * scale.log())          # [6, 2]
+    kl_per_dimension = kl[KEEP].mean(0)
+    expected = -(draws.log_likelihood.sum() - 4 * kl_per_dimension.clamp(min=0.4).sum())
+    assert loss == pytest.approx(expected.item(), rel=1e-6)
+    assert (kl_per_dimension < 0.4).any() and (kl_per_dimension > 0.4).any()
+
+
+class _Hierarchical(torch.nn.Module):
+    """A global mean mu ~ N(0, 1); z_n | mu ~ N(mu 1, I_2), x_n | z_n ~ N(W z_n, I_3), with the
+    data plate of ``size`` points subsampled to the B rows of ``x: [B, 3]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.tensor([[1.0, 0.5], [-0.4, 1.2], [0.3, 0.8]]))
+
+    def forward(self, x, *, size):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", size, subsample=torch.arange(len(x))):
+            z = pyro.sample("z", dist.Normal(mu.unsqueeze(-1) + torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ self.W.T, 1.0).to_event(1), obs=x)
+
+
+class _HierarchicalGuide(_Encoder):
+    """q(mu) = N(m, s^2) and q(z_n | x_n, mu) = N(A x_n + c + mu / 2, diag(t^2))."""
+
+    def __init__(self):
+        super().__init__()
+        self.m = torch.nn.Parameter(torch.tensor(0.3))
+        self.log_scale = torch.nn.Parameter(torch.tensor(-0.5))
+
+    def forward(self, x, *, size):
+        mu = pyro.sample("mu", dist.Normal(self.m, self.log_scale.exp()))
+        with pyro.plate("data", size, subsample=torch.arange(len(x))):
+            loc = x @ self.A.T + self.c + mu.unsqueeze(-1) / 2
+            pyro.sample("z", dist.Normal(loc, self.log_s.exp()).to_event(1))
+
+
+@pytest.mark.parametrize("size", [8, 40])
+@pytest.mark.parametrize("num_particles", [1, 5])
+def test_the_elbo_with_a_global_latent_is_pyros(num_particles, size):
+    """A global mu and local z_n: the ELBO is Pyro's Trace_ELBO (Monte-Carlo KL) and
+    TraceMeanField_ELBO (closed form), value and gradients on the same draws; for B = 8 of
+    N = 40 points too, where the local sites carry the scale 5 and mu none."""
+    model, guide, x = _Hierarchical(), _HierarchicalGuide(), _subsampled_x()
+    options = dict(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
+    results = _on_same_draws(
+        17, lambda: ELBO(num_particles=num_particles, analytic_kl=False).differentiable_loss(
+            model, guide, x, size=size),
+        lambda: Trace_ELBO(**options).differentiable_loss(model, guide, x, size=size),
+        lambda: ELBO(num_particles=num_particles).differentiable_loss(model, guide, x,
+                                                                      size=size),
+        lambda: TraceMeanField_ELBO(**options).differentiable_loss(model, guide, x, size=size))
+    for ours, pyros in (results[:2], results[2:]):
+        torch.testing.assert_close(ours, pyros, rtol=1e-6, atol=1e-5)
+        for module in (model, guide):
+            _assert_same_gradients(_gradients(ours, module), _gradients(pyros, module))
+
+
+def test_iwae_with_a_global_latent_is_renyi_alpha_zero_on_the_joint():
+    """The log-mean-exp of the joint log weights of mu and the whole batch: Renyi's quantity,
+    draw for draw, and not the sum of per-point bounds."""
+    model, guide, x = _Hierarchical(), _HierarchicalGuide(), _subsampled_x()
+    ours, renyi, draws = _on_same_draws(
+        18, lambda: IWAE(num_particles=5).loss(model, guide, x, size=8),
+        lambda: RenyiELBO(alpha=0, num_particles=5, vectorize_particles=True,
+                          max_plate_nesting=1).loss(model, guide, x, size=8),
+        lambda: draw(model, guide, x, num_particles=5, allow_joint=True, size=8))
+    assert ours == pytest.approx(renyi, rel=1e-6)
+    assert draws.joint and draws.log_weights().shape == (5, 1)
+    assert ours == pytest.approx(-(torch.logsumexp(draws.log_weights(), 0)
+                                   - math.log(5)).item(), rel=1e-6)
+
+
+def test_piwae_and_dreg_route_gradients_with_a_global_latent():
+    """As on local latents: the model gets IWAE's gradient; PIWAE's guide that of MIWAE, DReG's
+    sum_k w~_k^2 d log w_k / d phi with q's parameters stopped inside log q."""
+    model, guide, x = _Hierarchical(), _HierarchicalGuide(), _subsampled_x()
+    piwae, iwae, miwae, dreg, draws = _on_same_draws(
+        19, *(lambda objective=objective: objective.differentiable_loss(model, guide, x, size=8)
+              for objective in (PIWAE(num_particles=6, num_groups=2), IWAE(num_particles=6),
+                                MIWAE(num_particles=6, num_groups=2), DReG(num_particles=6))),
+        lambda: draw(model, guide, x, num_particles=6, stop_guide_gradients=True,
+                     allow_joint=True, size=8))
+    for routed in (piwae, dreg):
+        torch.testing.assert_close(routed, iwae)
+        _assert_same_gradients(_gradients(routed, model), _gradients(iwae, model))
+    _assert_same_gradients(_gradients(piwae, guide), _gradients(miwae, guide))
+    log_w = draws.log_weights()
+    by_hand = -(torch.softmax(log_w, 0).detach().square() * log_w).sum()
+    _assert_same_gradients(_gradients(dreg, guide), _gradients(by_hand, guide))
+    assert (_gradients(iwae, guide) - _gradients(miwae, guide)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", [name for name in ALL_OBJECTIVES if name != "elbo"])
+def test_a_subsampled_plate_beside_a_global_latent_is_refused_by_the_bounds(name):
+    model, guide, x = _Hierarchical(), _HierarchicalGuide(), _subsampled_x()
+    with pytest.raises(ZooError, match=r"site 'mu' is outside the 'data' plate.*--loss elbo"):
+        ALL_OBJECTIVES[name]().loss(model, guide, x, size=40)
+
+
+def test_free_bits_and_per_point_draws_refuse_a_global_latent():
+    model, guide, x = _Hierarchical(), _HierarchicalGuide(), _subsampled_x()
+    with pytest.raises(ZooError, match="--free-bits counts KL per data point"):
+        ELBO(free_bits=0.3).loss(model, guide, x, size=8)
+    with pytest.raises(ZooError, match=r"site 'mu' is in plates \[\]"):
+        draw(model, guide, x, num_particles=2, size=8)
+
+
+def test_a_guide_site_missing_from_the_model_gets_pyros_warning():
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(0.5 * x, 0.8))
+            pyro.sample("u", dist.Normal(0.0, 1.0))
+
+    for objective in (ELBO(), IWAE(num_particles=3)):
+        with pyro.validation_enabled(True), pytest.warns(
+                UserWarning, match="Found non-auxiliary vars in guide but not model"):
+            objective.loss(model, guide, torch.zeros(4))
+
+
+def test_nested_plates_with_several_particles_are_refused_and_with_one_are_pyros():
+    """A plate at dim -3 beside the particles' at dim -2: refused with several particles; with
+    one particle (no particle plate) the ELBO is Pyro's Trace_ELBO on the same draws."""
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("rows", 3, dim=-3):
+            r = pyro.sample("r", dist.Normal(mu, 1.0))
+            with pyro.plate("data", 4):
+                pyro.sample("x", dist.Normal(r, 1.0), obs=x.unsqueeze(-2))
+
+    def guide(x):
+        mu = pyro.sample("mu", dist.Normal(0.2, 0.7))
+        with pyro.plate("rows", 3, dim=-3):
+            pyro.sample("r", dist.Normal(mu / 2 + 0.1, 0.8))
+
+    x = torch.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    ours, pyros = _on_same_draws(20, lambda: ELBO(analytic_kl=False).loss(model, guide, x),
+                                 lambda: Trace_ELBO(max_plate_nesting=3).loss(model, guide, x))
+    assert ours == pytest.approx(pyros, rel=1e-6)
+    with pytest.raises(ZooError, match="site 'r' is in the plate 'rows' at dim -3"):
+        IWAE(num_particles=3).loss(model, guide, x)

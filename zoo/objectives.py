@@ -30,8 +30,26 @@ for the normalized weights of data point n:
 
 Every bound is per data point: the log-mean-exp over particles is taken for each x_n (of the
 densities without the subsampling scale) and only then summed over the data and multiplied by
-the scale. Pyro's ``RenyiELBO`` takes the log-mean-exp of the *summed* batch weights
-(pyro #3104), which is a different and looser quantity for local latent variables.
+the scale. Pyro's ``RenyiELBO`` keeps the plates that all the model's sample sites share and
+takes its log-mean-exp for each of their elements, so without subsampling ``RenyiELBO(alpha=0)``
+is ``iwae`` draw for draw; the two differ under ``subsample_size``, where Renyi takes the
+log-mean-exp of the *scaled* log weights, (N_total / N) log w_kn, a quantity that bounds
+nothing.
+
+**The plate rule.** Local latent variables z_n (one per data point) sit inside
+``pyro.plate("data", N)``, with the observations. A sample site outside that plate, a global
+latent variable such as a prior on a weight matrix W, makes the objectives weight the whole
+batch x_1..N jointly: one log weight per particle,
+
+    log w_k = log p(x, W_k, z_k) - log q(W_k, z_k | x)            ([K, 1]),
+
+each site's log density summed over its plates and multiplied by its own scale. The ELBO, an
+average of log weights, is then Pyro's ``Trace_ELBO`` (each site scaled where Pyro scales it,
+subsampled plates included); the importance-weighted objectives become the bounds on the joint
+log p(x_1..N), e.g. L_K = E[log (1/K) sum_k w_k], which is what ``RenyiELBO(alpha=0)`` computes
+on such a model. A subsampled plate has no place in that bound (its N_total / N would sit
+inside the log-mean-exp, as in Renyi), so the importance-weighted objectives refuse it there,
+and so does free bits, which counts KL per data point.
 
 KL annealing (Bowman et al. 2016) multiplies the latent log-ratio log p(z) - log q(z | x) by a
 weight that ramps linearly from 0 to 1 over ``anneal_epochs`` (the engine reports progress
@@ -52,7 +70,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 
 import pyro
 import torch
@@ -60,8 +78,10 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO as PyroELBO
 from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
+from pyro.util import check_model_guide_match
 from torch import Tensor
 from torch.distributions import (
     Distribution,
@@ -85,17 +105,20 @@ particle, is far below float32 resolution."""
 @dataclass
 class Draws:
     """K draws for each of the N data points of the data plate, scored by model and guide; each
-    term ``[K, N]``.
+    term ``[K, N]`` (``[K, 1]`` when ``joint``).
 
     ``log_likelihood`` sums the model's observed sites (log p(x | z)), ``log_prior`` its latent
-    sites (log p(z)), ``log_q`` the guide's sites (log q(z | x)), each per data point and without
-    the subsampling ``scale`` (N_total / N when the data plate subsamples N of N_total data
-    points, else 1), which :meth:`sum_over_data` applies to a bound as a whole. Each density is
-    computed when first asked for, so an objective pays only for the densities it uses (the
-    ELBO with a closed-form KL never evaluates log p(z) or log q(z | x) at the draws).
-    ``model_trace`` and ``guide_trace`` are the Pyro traces, ``q_trace`` the trace that scores
-    log q (the guide's, or its replay with the parameters detached); ``device`` the draws';
-    ``routes`` the views of the draws the model was replayed on, when gradients are to be routed.
+    sites (log p(z)), ``log_q`` the guide's sites (log q(z | x)), each masked and per data point,
+    without the subsampling ``scale`` (N_total / N when the data plate subsamples N of N_total
+    data points, else 1), which :meth:`sum_over_data` applies to a bound as a whole. When
+    ``joint`` (a site outside the data plate: a global latent variable), the batch is one point:
+    each term is summed over all the plates of its sites, each site masked and multiplied by its
+    own scale, and ``scale`` is 1. Each density is computed when first asked for, so an
+    objective pays only for the densities it uses (the ELBO with a closed-form KL never
+    evaluates log p(z) or log q(z | x) at the draws). ``model_trace`` and ``guide_trace`` are
+    the Pyro traces, ``q_trace`` the trace that scores log q (the guide's, or its replay with the
+    parameters detached); ``device`` the draws'; ``routes`` the views of the draws the model was
+    replayed on, when gradients are to be routed.
     """
 
     model_trace: poutine.Trace
@@ -104,19 +127,20 @@ class Draws:
     shape: tuple[int, int]
     device: torch.device
     scale: float = 1.0
+    joint: bool = False
     routes: list[tuple[Tensor, int]] = field(default_factory=list)
 
     @cached_property
     def log_likelihood(self) -> Tensor:
-        return self._per_point(self.model_trace, True)
+        return self._summed(self.model_trace, True)
 
     @cached_property
     def log_prior(self) -> Tensor:
-        return self._per_point(self.model_trace, False)
+        return self._summed(self.model_trace, False)
 
     @cached_property
     def log_q(self) -> Tensor:
-        return self._per_point(self.q_trace, None)
+        return self._summed(self.q_trace, None)
 
     def log_weights(self, kl_weight: float = 1.0) -> Tensor:
         """log p(x | z) + kl_weight (log p(z) - log q(z | x)): the log weights at weight 1."""
@@ -127,10 +151,27 @@ class Draws:
         and scaled up to the full data set when the plate subsamples it."""
         return self.scale * bound.sum()
 
-    def _per_point(self, trace: poutine.Trace, observed: bool | None) -> Tensor:
-        """Sum of the log densities of a trace's sample sites, masked but not scaled, kept per
-        particle and data point (``[K, N]``); ``observed`` picks observed or latent sites (None:
-        all)."""
+    def per_point(self, site: dict, value: Tensor) -> Tensor:
+        """A site's ``value`` of the shape of its log density (``[K, N]``, or ``[N]`` for one
+        particle), masked as the site is, as a term ``[K, N]``; when ``joint``, also multiplied
+        by the site's scale and summed over its plates, ``[K, 1]``."""
+        if not self.joint:
+            return scale_and_mask(value, 1.0, site["mask"]).expand(self.shape)
+        value = scale_and_mask(value, site["scale"], site["mask"])
+        return value.reshape(self.shape[0], -1).sum(-1, keepdim=True)
+
+    def per_draw(self, weights: Tensor, z: Tensor, event_dim: int) -> Tensor:
+        """``weights`` ``[K, N]`` (``[K, 1]`` when joint) as a factor that broadcasts against a
+        draw ``z`` of a latent site with ``event_dim`` event dimensions."""
+        if not self.joint:
+            return weights.reshape(z.shape[:z.dim() - event_dim] + (1,) * event_dim)
+        if self.shape[0] == 1:  # no particle plate
+            return weights.reshape(())
+        return weights.reshape((-1,) + (1,) * (event_dim + 1))  # the particle plate at dim -2
+
+    def _summed(self, trace: poutine.Trace, observed: bool | None) -> Tensor:
+        """Sum of the log densities of a trace's sample sites, each a term of
+        :meth:`per_point`; ``observed`` picks observed or latent sites (None: all)."""
         def wanted(name: str, site: dict) -> bool:
             return not site_is_subsample(site) and (observed is None
                                                     or site["is_observed"] == observed)
@@ -139,7 +180,7 @@ class Draws:
         total = torch.zeros(self.shape, device=self.device)
         for name, site in trace.nodes.items():
             if site["type"] == "sample" and wanted(name, site):
-                total = total + scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
+                total = total + self.per_point(site, site["unscaled_log_prob"])
         return total
 
 
@@ -152,17 +193,20 @@ def _latent_sites(trace: poutine.Trace) -> list[tuple[str, dict]]:
     return [(name, site) for name, site in _sample_sites(trace) if not site["is_observed"]]
 
 
+def _plates(site: dict) -> set[str]:
+    return {frame.name for frame in site["cond_indep_stack"]} - {PARTICLE_PLATE}
+
+
 def _check_plates(sites: list[tuple[str, dict]]) -> None:
     """Every sample site must sit inside the data plate (and no other but the particles'): a
     global latent variable has no per-data-point weight."""
     for name, site in sites:
-        plates = {frame.name for frame in site["cond_indep_stack"]}
-        if DATA_PLATE not in plates or plates - {DATA_PLATE, PARTICLE_PLATE}:
+        if _plates(site) != {DATA_PLATE}:
             raise ZooError(
-                f"per-data-point importance weights need every sample site inside exactly the "
-                f"'{DATA_PLATE}' plate; site '{name}' is in plates {sorted(plates)}. Models with "
-                f"global latent variables are trained with --loss enum or tracegraph instead."
-            )
+                f"per-data-point quantities need every sample site inside exactly the "
+                f"'{DATA_PLATE}' plate; site '{name}' is in plates {sorted(_plates(site))}. A "
+                f"global latent variable has no weight per data point: train such models with "
+                f"the objectives, which weight the batch jointly (see zoo.objectives)")
 
 
 def _check_guide_samples_every_latent(model_sites: list[tuple[str, dict]],
@@ -178,20 +222,24 @@ def _check_guide_samples_every_latent(model_sites: list[tuple[str, dict]],
                 f"tracegraph for such models, or a guide that samples '{name}'")
 
 
-def _subsampling_scale(sites: list[tuple[str, dict]]) -> float:
-    """The one scale that Pyro puts on every sample site: N_total / N under
-    ``pyro.plate("data", N_total, subsample_size=N)``, times that of any ``poutine.scale``. A
-    bound per data point is a log-mean-exp over particles, so a scale can only multiply it as a
-    whole, and every site must carry the same one."""
+def _scales(sites: list[tuple[str, dict]]) -> dict[float, list[str]]:
+    """scale -> the names of the sites that carry it. A site's scale is N_total / N under
+    ``pyro.plate("data", N_total, subsample_size=N)``, times that of any ``poutine.scale``."""
     sites_of_scale: dict[float, list[str]] = {}
     for name, site in sites:
         scale = site["scale"]
         if isinstance(scale, Tensor):
             if scale.numel() != 1:
-                raise ZooError(f"site '{name}' has a scale of shape {list(scale.shape)}; per-"
-                               f"data-point objectives take one number as the scale of all sites")
+                raise ZooError(f"site '{name}' has a scale of shape {list(scale.shape)}; zoo's "
+                               f"objectives take one number as the scale of a site")
             scale = scale.item()
         sites_of_scale.setdefault(float(scale), []).append(name)
+    return sites_of_scale
+
+
+def _subsampling_scale(sites_of_scale: dict[float, list[str]]) -> float:
+    """The one scale shared by every sample site. A bound per data point is a log-mean-exp over
+    particles, so a scale can only multiply it as a whole."""
     if len(sites_of_scale) > 1:
         raise ZooError(
             f"per-data-point objectives need one scale shared by every sample site of model and "
@@ -200,8 +248,35 @@ def _subsampling_scale(sites: list[tuple[str, dict]]) -> float:
     return next(iter(sites_of_scale), 1.0)
 
 
+def _check_unscaled(sites: list[tuple[str, dict]], sites_of_scale: dict[float, list[str]]
+                    ) -> None:
+    """The importance-weighted bound on a whole batch is one log-mean-exp: a subsample's scale
+    N_total / N cannot be applied to it site by site."""
+    outside = next(name for name, site in sites if _plates(site) != {DATA_PLATE})
+    scaled = {scale: names for scale, names in sites_of_scale.items() if scale != 1.0}
+    if scaled:
+        raise ZooError(
+            f"site '{outside}' is outside the '{DATA_PLATE}' plate, so this objective bounds the "
+            f"whole batch jointly, and the sites {scaled} carry the scales of a subsample (or of "
+            f"poutine.scale), which such a bound cannot take; use --loss elbo, which scales "
+            f"each site, or pass the whole data set unscaled")
+
+
+def _check_plate_dims(sites: list[tuple[str, dict]]) -> None:
+    """The particles take dim -2, so every other plate must be at dim -1."""
+    for name, site in sites:
+        for frame in site["cond_indep_stack"]:
+            if frame.name != PARTICLE_PLATE and frame.dim != -1:
+                raise ZooError(
+                    f"site '{name}' is in the plate '{frame.name}' at dim {frame.dim}; with more "
+                    f"than one particle zoo's objectives take the particles at dim -2 and one "
+                    f"plate dimension, -1. Use one particle, or Pyro's Trace_ELBO with "
+                    f"max_plate_nesting set, for nested plates")
+
+
 def draw(model: Callable, guide: Callable, *args: Tensor, num_particles: int = 1,
-         stop_guide_gradients: bool = False, route: bool = False, **kwargs) -> Draws:
+         stop_guide_gradients: bool = False, route: bool = False, allow_joint: bool = False,
+         scaled_sites: bool = False, **kwargs) -> Draws:
     """Draw ``num_particles`` particles per data point from the guide and score them.
 
     ``args`` and ``kwargs`` are the inputs of model and guide. The guide runs once under a plate
@@ -211,6 +286,13 @@ def draw(model: Callable, guide: Callable, *args: Tensor, num_particles: int = 1
     reparameterized draws. ``stop_guide_gradients`` scores log q(z | x) with the guide's
     parameters detached (the draws z keep their gradient): the DReG form. ``route`` replays
     the model on views of the draws, listed in ``Draws.routes``, for :func:`_routed_surrogate`.
+
+    A site outside the data plate is refused, unless ``allow_joint``: then the draws weight the
+    batch jointly (``Draws.joint``, see the module's plate rule), and any scale other than 1 is
+    refused unless ``scaled_sites`` (each site then carries its own, as in the ELBO). With
+    ``scaled_sites``, sites of different scales inside the data plate are weighted jointly too.
+    Under Pyro's validation, model and guide are checked against each other as Pyro's ELBOs
+    check them (a guide site missing from the model gives Pyro's warning).
     """
     if num_particles < 1:
         raise ZooError(f"the number of particles must be at least 1; got {num_particles}")
@@ -220,7 +302,8 @@ def draw(model: Callable, guide: Callable, *args: Tensor, num_particles: int = 1
     with particles:
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         guide_sites = _sample_sites(guide_trace)
-        _check_plates(guide_sites)
+        if not allow_joint:
+            _check_plates(guide_sites)
         _check_reparameterized(guide_sites)
         if stop_guide_gradients:
             stopped = poutine.replay(_with_parameters_detached(guide), trace=guide_trace)
@@ -237,17 +320,32 @@ def draw(model: Callable, guide: Callable, *args: Tensor, num_particles: int = 1
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)
                                     ).get_trace(*args, **kwargs)
     model_sites = _sample_sites(model_trace)
-    _check_plates(model_sites)
+    if not allow_joint:
+        _check_plates(model_sites)
+    if num_particles > 1:
+        _check_plate_dims(model_sites + guide_sites)
     _check_guide_samples_every_latent(model_sites, guide_sites)
+    if is_validation_enabled():
+        # the particle plate (dim -2) lies outside one plate dimension, which may broadcast
+        check_model_guide_match(model_trace, guide_trace, max_plate_nesting=1)
     sites = model_sites + guide_sites
     if not sites:
         raise ZooError(f"model and guide have no sample site; an objective needs at least the "
                        f"observed data, as a sample site in the '{DATA_PLATE}' plate")
     _, first = sites[0]
-    data_plate = next(frame for frame in first["cond_indep_stack"] if frame.name == DATA_PLATE)
+    sites_of_scale = _scales(sites)
+    local = all(_plates(site) == {DATA_PLATE} for _, site in sites)
+    if local and not (scaled_sites and len(sites_of_scale) > 1):
+        data_plate = next(frame for frame in first["cond_indep_stack"]
+                          if frame.name == DATA_PLATE)
+        return Draws(model_trace=model_trace, guide_trace=guide_trace, q_trace=q_trace,
+                     shape=(num_particles, data_plate.size), device=first["value"].device,
+                     scale=_subsampling_scale(sites_of_scale), routes=routes)
+    if not scaled_sites:
+        _check_unscaled(sites, sites_of_scale)
     return Draws(model_trace=model_trace, guide_trace=guide_trace, q_trace=q_trace,
-                 shape=(num_particles, data_plate.size), device=first["value"].device,
-                 scale=_subsampling_scale(sites), routes=routes)
+                 shape=(num_particles, 1), device=first["value"].device, joint=True,
+                 routes=routes)
 
 
 class _DetachParams(Messenger):
@@ -260,12 +358,15 @@ class _DetachParams(Messenger):
 
 def _with_parameters_detached(guide: Callable) -> Callable:
     """The guide with every parameter it reads held constant: a module's own parameters (through
-    ``torch.func.functional_call``) and ``pyro.param`` sites of Pyro's parameter store."""
+    ``torch.func.functional_call``) and ``pyro.param`` sites of Pyro's parameter store. Its
+    param sites are hidden from the handlers around it, so that ``pyro.infer.SVI`` collects the
+    parameters themselves, not these constant copies."""
     if isinstance(guide, torch.nn.Module):
         detached = {name: value.detach() for name, value in guide.named_parameters()}
-        return _DetachParams()(
-            lambda *args, **kwargs: functional_call(guide, detached, args, kwargs))
-    return _DetachParams()(guide)
+        guide = partial(functional_call, guide, detached)
+        return poutine.block(_DetachParams()(lambda *args, **kwargs: guide(args, kwargs)),
+                             hide_types=["param"])
+    return poutine.block(_DetachParams()(guide), hide_types=["param"])
 
 
 def _check_reparameterized(guide_sites: list[tuple[str, dict]]) -> None:
@@ -312,38 +413,69 @@ def _closed_form_kl(q: Distribution, p: Distribution) -> Tensor | None:
         return None
 
 
+def _alike(first: object, second: object) -> bool:
+    """Whether two masks (None, a bool or a tensor) or two scales are the same everywhere."""
+    if first is None or second is None:
+        return first is second
+    try:
+        return bool((torch.as_tensor(first) == torch.as_tensor(second)).all())
+    except RuntimeError:  # shapes that do not broadcast
+        return False
+
+
+def _weighted_alike(guide_site: dict, model_site: dict) -> bool:
+    """Whether guide and model mask and scale a latent site alike, so that the Monte-Carlo
+    terms m (log q(z) - log p(z)) have the expectation m KL(q || p)."""
+    return (_alike(guide_site["mask"], model_site["mask"])
+            and _alike(guide_site["scale"], model_site["scale"]))
+
+
 def latent_kl(draws: Draws) -> Tensor | None:
-    """sum over latent sites of KL(q(z | x) || p(z)) in closed form, ``[K, N]`` (the same for
-    every particle), or None when a site has no closed form or no prior of its own."""
+    """sum over latent sites of KL(q(z | x) || p(z)) in closed form, each masked (and, when
+    joint, scaled) as its site, ``[K, N]`` (the same for every particle); or None when a site
+    has no closed form, no prior of its own, or a mask or scale in the guide other than in the
+    model (then only the Monte-Carlo terms mean what they do)."""
     total = torch.zeros(draws.shape, device=draws.device)
     for name, guide_site in _latent_sites(draws.guide_trace):
         model_site = draws.model_trace.nodes.get(name)
-        if model_site is None:
+        if model_site is None or not _weighted_alike(guide_site, model_site):
             return None
         kl = _closed_form_kl(guide_site["fn"], model_site["fn"])
         if kl is None:
             return None
-        total = total + kl
+        total = total + draws.per_point(guide_site, kl)
     return total
 
 
 def free_bits_kl(draws: Draws, free_bits: float) -> Tensor:
-    """sum_d max(lambda, mean_n KL_nd) summed over the latent sites (a scalar): the free-bits
-    KL term per data point of a minibatch, with KL_nd = 1/2 (mu_nd^2 + s_nd^2 - 1 - log s_nd^2)
-    the closed-form KL of a factorized Gaussian q from a standard normal prior in dimension d."""
-    total = 0.0
+    """The free-bits KL term of each data point of a minibatch, ``[N]``:
+
+        m_n sum_d max(lambda, mean_{n': m_n' = 1} KL_n'd)
+
+    summed over the latent sites, with KL_nd = 1/2 (mu_nd^2 + s_nd^2 - 1 - log s_nd^2) the
+    closed-form KL of a factorized Gaussian q from a standard normal prior in dimension d and
+    m_n the site's mask (1 without one): masked data points count as absent."""
+    if draws.joint:
+        raise ZooError(f"--free-bits counts KL per data point, and this model has a site outside "
+                       f"the '{DATA_PLATE}' plate (a global latent variable) or sites of "
+                       f"different scales; drop --free-bits")
+    total = torch.zeros(draws.shape[1], device=draws.device)
     for name, guide_site in _latent_sites(draws.guide_trace):
-        q, p = guide_site["fn"], draws.model_trace.nodes[name]["fn"]
+        model_site = draws.model_trace.nodes[name]
+        q, p = guide_site["fn"], model_site["fn"]
         if not (_is_diagonal_normal(q) and _is_diagonal_normal(p)
                 and bool((p.base_dist.loc == 0).all()) and bool((p.base_dist.scale == 1).all())):
             raise ZooError(
                 f"--free-bits needs a factorized Gaussian guide and a standard normal prior; "
                 f"site '{name}' has guide {type(q).__name__} and prior {type(p).__name__}. "
                 f"Use a mean-field guide or drop --free-bits")
+        if not _alike(guide_site["mask"], model_site["mask"]):
+            raise ZooError(f"--free-bits needs the same mask on site '{name}' in model and guide")
         kl = kl_divergence(q.base_dist, p.base_dist)  # [(K,) N, M], equal over particles
         kl = kl.reshape(*draws.shape, -1)  # [K, N, M]
-        per_dimension = kl.mean(0).mean(0)
-        total = total + per_dimension.clamp(min=free_bits).sum()
+        m = draws.per_point(guide_site, torch.ones(draws.shape, device=draws.device))  # [K, N]
+        per_dimension = (m.unsqueeze(-1) * kl).sum((0, 1)) / m.sum().clamp(min=1)
+        total = total + m.mean(0) * per_dimension.clamp(min=free_bits).sum()
     return total
 
 
@@ -376,7 +508,7 @@ def _routed_surrogate(draws: Draws, value: Tensor, decoder_weights: Tensor,
     ratio = b / a
     for z, event_dim in draws.routes:
         if z.requires_grad:
-            factor = ratio.reshape(z.shape[:z.dim() - event_dim] + (1,) * event_dim)
+            factor = draws.per_draw(ratio, z, event_dim)
             z.register_hook(lambda grad, factor=factor: grad * factor)
     model_term = (a * (draws.log_likelihood + kl_weight * draws.log_prior)).sum()
     guide_term = (b * kl_weight * draws.log_q).sum()
@@ -398,11 +530,22 @@ class Objective(PyroELBO):
     """True for the objectives that give model and guide different gradients through hooks on
     the draws (PIWAE, DReG), which a traced loss would not replay (see :func:`traced_loss`)."""
 
+    scales_each_site = False
+    """True for the ELBO, a sum of per-site terms, in which each site may carry its own scale;
+    the log-mean-exp of the importance-weighted bounds takes one scale for all (:func:`draw`)."""
+
     def __init__(self, num_particles: int = 1, anneal_epochs: float = 0.0):
         super().__init__(num_particles=num_particles, max_plate_nesting=1,
                          vectorize_particles=True)
         self.anneal_epochs = anneal_epochs
         self.kl_weight = 1.0 if anneal_epochs == 0 else 0.0
+
+    def draw(self, model: Callable, guide: Callable, args: tuple, kwargs: dict, **options
+             ) -> Draws:
+        """:func:`draw` with this objective's particles, weighting the batch jointly when a site
+        is outside the data plate (each site with its own scale for the ELBO)."""
+        return draw(model, guide, *args, num_particles=self.num_particles, allow_joint=True,
+                    scaled_sites=self.scales_each_site, **options, **kwargs)
 
     def set_progress(self, epochs: float) -> None:
         """Tell the objective how many epochs of training are done (KL annealing)."""
@@ -435,7 +578,12 @@ class ELBO(Objective):
     guide and prior has one (Gaussian pairs), else estimated from the draws as
     E_q[log q(z | x) - log p(z)], which is Pyro's ``Trace_ELBO`` estimator draw for draw.
     ``free_bits`` lambda > 0 replaces the KL by the free-bits term (see :func:`free_bits_kl`).
+    Masked data points count as absent in every form. With a global latent variable the KL
+    terms are those of the whole batch, each site's scaled as Pyro scales it, which is Pyro's
+    ``Trace_ELBO`` (Monte-Carlo KL) and ``TraceMeanField_ELBO`` (closed form) draw for draw.
     """
+
+    scales_each_site = True
 
     def __init__(self, num_particles: int = 1, analytic_kl: bool = True, free_bits: float = 0.0,
                  anneal_epochs: float = 0.0):
@@ -444,7 +592,7 @@ class ELBO(Objective):
         self.free_bits = free_bits
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
-        draws = draw(model, guide, *args, num_particles=self.num_particles, **kwargs)
+        draws = self.draw(model, guide, args, kwargs)
         if self.free_bits > 0:
             return -draws.sum_over_data(draws.log_likelihood.mean(0)
                                         - self.kl_weight * free_bits_kl(draws, self.free_bits))
@@ -465,7 +613,7 @@ class IWAE(Objective):
     """
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
-        draws = draw(model, guide, *args, num_particles=self.num_particles, **kwargs)
+        draws = self.draw(model, guide, args, kwargs)
         return -draws.sum_over_data(_log_mean_exp(draws.log_weights(self.kl_weight)))
 
 
@@ -490,7 +638,7 @@ class MIWAE(_Grouped):
     """
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
-        draws = draw(model, guide, *args, num_particles=self.num_particles, **kwargs)
+        draws = self.draw(model, guide, args, kwargs)
         log_w = self._grouped(draws.log_weights(self.kl_weight))
         return -draws.sum_over_data(_log_mean_exp(log_w, 1).mean(0))
 
@@ -509,7 +657,7 @@ class CIWAE(Objective):
         self.beta = beta
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
-        draws = draw(model, guide, *args, num_particles=self.num_particles, **kwargs)
+        draws = self.draw(model, guide, args, kwargs)
         log_w = draws.log_weights(self.kl_weight)
         return -draws.sum_over_data(self.beta * log_w.mean(0)
                                     + (1 - self.beta) * _log_mean_exp(log_w))
@@ -527,8 +675,7 @@ class PIWAE(_Grouped):
     routes_gradients = True
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
-        draws = draw(model, guide, *args, num_particles=self.num_particles, route=True,
-                     **kwargs)
+        draws = self.draw(model, guide, args, kwargs, route=True)
         log_w = draws.log_weights(self.kl_weight)
         value = -draws.sum_over_data(_log_mean_exp(log_w))
         decoder_weights = torch.softmax(log_w, 0)
@@ -557,8 +704,7 @@ class DReG(Objective):
     routes_gradients = True
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
-        draws = draw(model, guide, *args, num_particles=self.num_particles,
-                     stop_guide_gradients=True, route=True, **kwargs)
+        draws = self.draw(model, guide, args, kwargs, stop_guide_gradients=True, route=True)
         log_w = draws.log_weights(self.kl_weight)
         value = -draws.sum_over_data(_log_mean_exp(log_w))
         weights = torch.softmax(log_w, 0)
