@@ -1,18 +1,30 @@
 """The ``zoo`` command: ``zoo list | train | evaluate | sample | plot | diagnose | demo``.
 
-Mistakes a user can fix (unknown names, bad values, missing files, bad data) print one line on
-stderr and exit with status 2; a diverged training run exits with 1; an interrupted one with 130.
+Mistakes a user can fix (unknown names, bad values, missing files, bad data, and the
+command-line mistakes argparse finds) print one line on stderr and exit with status 2; a
+diverged training run exits with 1; an interrupted one with 130. Commands that write into a
+run folder (train, sample, plot and diagnose with their default outputs) hold its lock.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from zoo.errors import ZooError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line that names the fix, in place of the usage block
+    followed by the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"zoo: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +88,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zoo", description="A zoo of latent-variable models: Pyro models with amortized "
                                 "guides, trained by SVI and checked against exact posteriors.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -186,22 +198,38 @@ def _evaluate(args: argparse.Namespace) -> None:
         print("(bic is for the whole split: -2 log-likelihood + parameters x log N)")
 
 
+def _writing(run: str, out: str | None = None) -> contextlib.AbstractContextManager:
+    """The lock of run folder ``run`` when a command writes into it (``out`` None: its default
+    output, or a path inside it); nothing otherwise. An ``out`` that cannot be written is
+    refused first."""
+    from zoo import runs
+    from zoo.validation import check_output
+
+    if out is None:
+        return runs.locked(run)
+    inside = check_output(out, folder=False).resolve().is_relative_to(Path(run).resolve())
+    return runs.locked(run) if inside else contextlib.nullcontext()
+
+
 def _sample(args: argparse.Namespace) -> None:
     from zoo.generation import sample_run
 
-    print(sample_run(args.run, num_samples=args.n, label=args.label, out=args.out))
+    with _writing(args.run, args.out):
+        print(sample_run(args.run, num_samples=args.n, label=args.label, out=args.out))
 
 
 def _plot(args: argparse.Namespace) -> None:
     from zoo.experiment import plot_run
 
-    print(plot_run(args.run, args.kind, args.out))
+    with _writing(args.run, args.out):
+        print(plot_run(args.run, args.kind, args.out))
 
 
 def _diagnose(args: argparse.Namespace) -> None:
     from zoo.diagnostics import diagnose_run
 
-    summary = diagnose_run(args.run, num_points=args.points)
+    with _writing(args.run):
+        summary = diagnose_run(args.run, num_points=args.points)
     if args.json:
         print(json.dumps(summary))
         return
@@ -237,8 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             error = error.__cause__
         print(f"zoo: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("zoo: interrupted; the checkpoint of the last finished epoch is kept "
-              "(continue with zoo train --resume RUN)", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # training says what it kept
+        print("zoo: interrupted" + (f"; {interrupt}" if str(interrupt) else ""), file=sys.stderr)
         return 130
     return 0

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from zoo import runs
 from zoo.diagnostics import diagnose_run
+from zoo.errors import ZooError
 from zoo.experiment import evaluate_run, make_config, train_run
 from zoo.registry import MODELS
 from zoo.report import Section, write_report
+from zoo.validation import check_output
 
 DEMO_PARTICLES = 500
 DEMO_POINTS = 10
@@ -21,8 +23,17 @@ DEMO_POINTS = 10
 
 def run_demo(out: str | os.PathLike | None = None, *, quiet: bool = False,
              force: bool = False) -> Path:
-    """Run the demo into ``out`` (default ``reports/demo-<timestamp>``); return the report path."""
-    out = Path(out or f"reports/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    """Run the demo into ``out`` (default ``reports/demo-<timestamp>``); return the report path.
+
+    An existing report folder is refused unless ``force``, and a run folder always."""
+    out = check_output(f"reports/demo-{time.strftime('%Y%m%d-%H%M%S')}" if out is None else out,
+                       folder=True)
+    if (out / runs.CONFIG).exists():
+        raise ZooError(f"{out} is a run folder, and zoo demo writes a report folder of its own: "
+                       f"choose another --out")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ZooError(f"report folder {out} already exists; choose another --out, or pass "
+                       f"--force to overwrite it")
     sections, results = [], {}
     for entry in MODELS.values():
         config = make_config(entry.name, train=entry.demo)
