@@ -18,7 +18,8 @@ import torch
 
 from zoo import runs
 from zoo.cli import main
-from zoo.train import warn_if_diverged
+from zoo.experiment import build_experiment
+from zoo.train import fit, warn_if_diverged
 
 TINY = ["--steps", "30", "--batch-size", "200", "--quiet"]
 
@@ -332,6 +333,34 @@ def test_a_loss_that_grows_but_stays_finite_warns(losses, warns):
     assert len(caught) == warns
     if warns:
         assert "training diverged" in str(caught[0].message)
+
+
+class _GrowingLoss:
+    """An objective whose value rises by 1e14 nats per data point after ``start`` calls; the
+    gradient is unchanged, so the parameters stay finite."""
+
+    def __init__(self, objective, start):
+        self.objective, self.start, self.calls = objective, start, 0
+
+    def differentiable_loss(self, model, guide, *args):
+        self.calls += 1
+        loss = self.objective.differentiable_loss(model, guide, *args)
+        return loss + 1e14 * args[0].shape[0] if self.calls > self.start else loss
+
+
+@pytest.mark.parametrize("start, warns", [(10**9, False), (4 * 18, True)])
+def test_training_whose_loss_grows_but_stays_finite_warns(small_ppca_config, start, warns):
+    """Six epochs of 18 steps; from the fifth epoch on the loss is 1e14 nats per point."""
+    experiment = build_experiment(small_ppca_config, quiet=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = fit(experiment.model, experiment.guide,
+                      _GrowingLoss(experiment.objective, start), experiment.train_inputs,
+                      settings=experiment.settings)
+    assert (history[-1]["train_loss"] > 1e13) == warns
+    messages = [str(warning.message) for warning in caught]
+    assert [message for message in messages if "training diverged" in message] == (
+        [messages[-1]] if warns else [])
 
 
 def test_an_interruption_before_the_first_checkpoint_says_none_was_kept(capsys, monkeypatch,
