@@ -1,14 +1,17 @@
 """The ``zoo`` command: ``zoo list | train | evaluate | sample | plot | diagnose | demo``.
 
-Mistakes a user can fix (unknown names, bad values, missing files, bad data) print one line on
-stderr and exit with status 2; a diverged training run exits with 1; an interrupted one with 130;
-a run of several processes (torchrun, or ``--nproc N``) one of which stopped exits with 3. Under
-several processes rank 0 alone prints.
+Mistakes a user can fix (unknown names, bad values, missing files, bad data, and the
+command-line mistakes argparse finds) print one line on stderr and exit with status 2; a
+diverged training run exits with 1; an interrupted one with 130; a run of several processes
+(torchrun, or ``--nproc N``) one of which stopped exits with 3. Under several processes rank 0
+alone prints. Commands that write into a run folder (train, sample, plot and diagnose with
+their default outputs) hold its lock.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -16,12 +19,21 @@ import sys
 import textwrap
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from zoo import distributed
 from zoo.errors import ZooError
 
 LIST_WIDTH = 100
 """``zoo list`` wraps its descriptions at this many characters."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line that names the fix, in place of the usage block
+    followed by the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"zoo: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +107,7 @@ def _add_nproc_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zoo", description="A zoo of latent-variable models: Pyro models with amortized "
                                 "guides, trained by SVI and checked against exact posteriors.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -254,22 +266,38 @@ def _evaluate(args: argparse.Namespace) -> int | None:
     return None
 
 
+def _writing(run: str, out: str | None = None) -> contextlib.AbstractContextManager:
+    """The lock of run folder ``run`` when a command writes into it (``out`` None: its default
+    output, or a path inside it); nothing otherwise. An ``out`` that cannot be written is
+    refused first."""
+    from zoo import runs
+    from zoo.validation import check_output
+
+    if out is None:
+        return runs.locked(run)
+    inside = check_output(out, folder=False).resolve().is_relative_to(Path(run).resolve())
+    return runs.locked(run) if inside else contextlib.nullcontext()
+
+
 def _sample(args: argparse.Namespace) -> None:
     from zoo.generation import sample_run
 
-    print(sample_run(args.run, num_samples=args.n, label=args.label, out=args.out))
+    with _writing(args.run, args.out):
+        print(sample_run(args.run, num_samples=args.n, label=args.label, out=args.out))
 
 
 def _plot(args: argparse.Namespace) -> None:
     from zoo.experiment import plot_run
 
-    print(plot_run(args.run, args.kind, args.out))
+    with _writing(args.run, args.out):
+        print(plot_run(args.run, args.kind, args.out))
 
 
 def _diagnose(args: argparse.Namespace) -> None:
     from zoo.diagnostics import diagnose_run
 
-    summary = diagnose_run(args.run, num_points=args.points, quiet=args.quiet)
+    with _writing(args.run):
+        summary = diagnose_run(args.run, num_points=args.points, quiet=args.quiet)
     if args.json:
         print(json.dumps(summary))
         return
@@ -331,10 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if distributed.is_main():
             print(f"zoo: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # training says what it kept
         if distributed.is_main():
-            print("zoo: interrupted; the checkpoint of the last finished epoch is kept "
-                  "(continue with zoo train --resume RUN)", file=sys.stderr)
+            print("zoo: interrupted" + (f"; {interrupt}" if str(interrupt) else ""),
+                  file=sys.stderr)
         return 130
     except OSError as error:
         if error.errno != errno.ENOSPC:

@@ -20,6 +20,7 @@ import dataclasses
 import math
 import numbers
 import os
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,16 @@ _GMM_TRUTH = {
 }
 _GMM_NUM_DATA = 1500
 _EXPNORMAL_NUM_DATA = 2000
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)",
+                     re.ASCII | re.IGNORECASE)
+"""A number in a csv cell: ASCII digits with an optional sign, point and exponent (Python's
+``float`` also reads ``1_000`` and non-ASCII digits, which a table should not hold). nan and inf
+are read so that the error can name them."""
+
+LARGEST_VALUE = 1e15
+"""The largest magnitude of a value in a user table without ``standardize``: the models sum
+squares of values in float32, which overflows (3.4e38) soon beyond it."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,6 +136,9 @@ def load_data(name: str | None = None, *, file: str | os.PathLike | None = None,
                        "split or e.g. 0.1 to hold out a tenth of the rows")
     if num_data is not None and num_data < 2:
         raise ZooError(f"num_data must be at least 2, got {num_data}")
+    if data_dir is not None and name not in _TORCHVISION_CLASSES:
+        raise ZooError(f"--data-dir applies to {' and '.join(_TORCHVISION_CLASSES)}, not to "
+                       f"{name or 'a --data file'}: drop it")
     generator = torch.Generator().manual_seed(seed)
     if file is not None:
         data = _subset(_load_file(Path(file)), num_data, generator)
@@ -140,7 +154,11 @@ def load_data(name: str | None = None, *, file: str | os.PathLike | None = None,
         data = _subset(_load_torchvision(name, data_dir), num_data, generator)
     data = _split(data, test_fraction, generator)
     data = _drop_constant(data) if drop_constant else data
-    return _standardize(data) if standardize else data
+    if standardize:
+        return _standardize(data)
+    if file is not None:
+        _check_magnitude(data)
+    return data
 
 
 def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -370,11 +388,11 @@ def _read_csv(path: Path) -> tuple[torch.Tensor, tuple[str, ...]]:
             if not cell:
                 raise ZooError(f"{place}, column {columns[j]!r} is empty: remove or impute "
                                "missing values")
-            try:
-                values[i, j] = float(cell)
-            except ValueError:
+            if not _is_number(cell):
                 raise ZooError(f"{place}, column {columns[j]!r}: {cell!r} is not a number: the "
-                               "table must be all numbers (drop or encode text columns)") from None
+                               "table must be all numbers written with the digits 0-9 (drop or "
+                               "encode text columns)")
+            values[i, j] = float(cell)
 
     def where(i: int, j: int) -> str:
         return f"{path}: data row {i + 1} (line {lines[i + 1]}), column {columns[j]!r}"
@@ -383,11 +401,7 @@ def _read_csv(path: Path) -> tuple[torch.Tensor, tuple[str, ...]]:
 
 
 def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+    return _NUMBER.fullmatch(text) is not None
 
 
 def _read_npy(path: Path) -> torch.Tensor:
@@ -431,6 +445,20 @@ def _to_table(values: np.ndarray, where: Callable[[int, int], str], path: Path) 
         raise ZooError(f"{where(i, j)} is {values[i, j]:g}, beyond the float32 range: rescale "
                        "the column")
     return x.contiguous()
+
+
+def _check_magnitude(data: Data) -> None:
+    """Refuse columns holding values beyond ``LARGEST_VALUE`` in magnitude, naming them."""
+    x = data.x_train if data.x_test is None else torch.cat([data.x_train, data.x_test])
+    largest = x.abs().amax(dim=0)
+    large = torch.nonzero(largest > LARGEST_VALUE).flatten().tolist()
+    if large:
+        names = [repr(data.columns[j]) if data.columns else str(j) for j in large]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise ZooError(f"{data.name}: column(s) {shown}{'' if data.columns else ' (0-based)'} "
+                       f"hold values up to {largest.max().item():.3g}, too large for the "
+                       f"models' float32 arithmetic (beyond {LARGEST_VALUE:.0e}): pass "
+                       f"--standardize, or rescale them")
 
 
 def _subset(data: Data, num_data: int | None, generator: torch.Generator) -> Data:

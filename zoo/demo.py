@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from zoo import diagnostics, runs
+from zoo.errors import ZooError
 from zoo.experiment import evaluate_run, make_config, train_run
 from zoo.progress import progress_bar
 from zoo.registry import MODELS, ModelEntry
 from zoo.report import Section, write_report
+from zoo.validation import check_output
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,16 @@ def figures_in_reading_order(run_dir: Path, entry: ModelEntry) -> list[Path]:
 def run_demo(out: str | os.PathLike | None = None, *, quiet: bool = False, force: bool = False,
              settings: DemoSettings = DemoSettings()) -> Path:
     """Run the demo into ``out`` (default ``reports/demo-<timestamp>``); return the report path.
-    A progress bar counts the models, with each model's stage, unless ``quiet``."""
-    out = Path(out or f"reports/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    A progress bar counts the models, with each model's stage, unless ``quiet``. An existing
+    report folder is refused unless ``force``, and a run folder always."""
+    out = check_output(f"reports/demo-{time.strftime('%Y%m%d-%H%M%S')}" if out is None else out,
+                       folder=True)
+    if (out / runs.CONFIG).exists():
+        raise ZooError(f"{out} is a run folder, and zoo demo writes a report folder of its own: "
+                       f"choose another --out")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ZooError(f"report folder {out} already exists; choose another --out, or pass "
+                       f"--force to overwrite it")
     sections, results = [], {}
     bar = progress_bar(len(MODELS), "zoo demo", quiet=quiet, unit="model", leave=True, delay=0)
     with bar:

@@ -12,8 +12,10 @@ rebuilt, resumed and evaluated from its folder alone:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from zoo.train import (
     seed_everything,
     trainable_parameters,
 )
+from zoo.validation import check_config, check_memory, check_output, check_work
 
 
 def make_config(model: str, *, guide: str | None = None, options: dict[str, Any] | None = None,
@@ -61,7 +64,7 @@ def make_config(model: str, *, guide: str | None = None, options: dict[str, Any]
         defaults.pop("steps", None)
     settings = TrainSettings(**{**defaults, **train})
     data["seed"] = settings.seed
-    return {
+    config = {
         "model": entry.name,
         "guide": guide,
         "options": {**entry.options, **given(options)},
@@ -71,6 +74,8 @@ def make_config(model: str, *, guide: str | None = None, options: dict[str, Any]
         "train": settings.to_dict(),
         "zoo_version": zoo.__version__,
     }
+    check_config(config)
+    return config
 
 
 @dataclass
@@ -86,6 +91,12 @@ class Experiment:
     settings: TrainSettings
     history: list[dict[str, float]] = field(default_factory=list)
     """One row per finished epoch (:func:`zoo.train.fit`); empty until trained or loaded."""
+
+    @property
+    def fingerprint(self) -> str:
+        """The digest of the data, splits and labels included (:func:`zoo.runs.fingerprint`)."""
+        data = self.data
+        return runs.fingerprint(data.x_train, data.y_train, data.x_test, data.y_test)
 
     @property
     def binarized(self) -> bool:
@@ -121,19 +132,44 @@ def build_experiment(config: dict[str, Any], *, quiet: bool = False) -> Experime
     """Load the data and build model, guide, objective and settings from ``config``.
 
     The seed is set before the model and guide are built, so their initial values are
-    reproducible too.
+    reproducible too. Nothing is allocated that would not fit in memory
+    (:func:`_check_memory`), and a configuration that records the fingerprint of its data
+    (``data_fingerprint``) is refused when the data loaded now differ.
     """
+    check_config(config)
     entry = get_model(config["model"])
     settings = TrainSettings(**config["train"], quiet=quiet)
     data = load_data(**config["data"])
+    _check_memory(config, settings, data)
     seed_everything(settings.seed)
     model, guide = build(entry, config["guide"], data, config["options"])
     objective = make_objective(**config["objective"])
+    experiment = Experiment(config, entry, data, model, guide, objective, settings)
+    recorded = config.get("data_fingerprint")
+    if recorded is not None and recorded != experiment.fingerprint:
+        source = config["data"]["file"] or config["data"]["name"]
+        raise ZooError(f"the data of this run ({source}) changed since it was trained: restore "
+                       f"the data it was trained on, or train a new run on the new data")
     _check_objective(objective, model, guide, entry.inputs(data, "train"))
     trainable_parameters(model, guide, settings.freeze_model)
     if settings.jit:
         traced_loss(objective, model, guide)  # refuses objectives it cannot trace
-    return Experiment(config, entry, data, model, guide, objective, settings)
+    return experiment
+
+
+def _check_memory(config: dict[str, Any], settings: TrainSettings, data: Data) -> None:
+    """Refuse sizes that cannot fit in memory, from a lower bound on the float32 numbers that
+    training holds at once: a training step draws P particles of z and evaluates p(x | z) for
+    B data points, P B (D + M) numbers; the parameters number at least M + D + K D^2 (K
+    mixture components with D x D covariances)."""
+    options = config["options"]
+    latent, components = options.get("latent_dim") or 0, options.get("components") or 0
+    particles = config["objective"]["num_particles"]
+    batch, dim = min(settings.batch_size, data.num_train), data.data_dim
+    check_memory(particles * batch * (dim + latent) + latent + dim + components * dim**2,
+                 f"{particles} particles x batch {batch} x (D {dim} + M {latent}) numbers, "
+                 f"with the parameters",
+                 "lower --particles, --batch-size, --latent-dim or --components")
 
 
 def _check_objective(objective, model, guide, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -153,36 +189,83 @@ def default_run_dir(config: dict[str, Any], root: str = "runs") -> Path:
 
 def train_run(config: dict[str, Any], out: str | os.PathLike | None = None, *,
               force: bool = False, quiet: bool = False) -> Path:
-    """Train a new run described by ``config`` into a fresh run folder; return its path."""
+    """Train a new run described by ``config`` into a fresh run folder; return its path.
+
+    Everything is checked (configuration, data, sizes, output folder) before the folder is
+    touched; the folder's lock is held from then until training ends. The configuration
+    written records the fingerprint of the data.
+    """
     experiment = build_experiment(config, quiet=quiet)
-    run_dir = Path(out or default_run_dir(config))
-    if distributed.is_main():  # under several processes, rank 0 alone writes the run folder
-        runs.create_run_dir(run_dir, force=force)
-        runs.write_config(run_dir, config)
-    _train(experiment, run_dir, checkpoint=None)
+    experiment.config = {**config, "data_fingerprint": experiment.fingerprint}
+    run_dir = default_run_dir(config) if out is None else out
+    if not distributed.is_main():  # under several processes, rank 0 alone writes the run folder
+        _train(experiment, Path(run_dir), checkpoint=None)
+        return Path(run_dir)
+    with runs.new_run(run_dir, force=force) as run_dir:
+        runs.write_config(run_dir, experiment.config)
+        _train(experiment, run_dir, checkpoint=None)
     return run_dir
 
 
 def resume_run(run_dir: str | os.PathLike, *, epochs: int | None = None,
                steps: int | None = None, quiet: bool = False) -> Path:
-    """Continue a run from its checkpoint, optionally to a new total of epochs or steps."""
+    """Continue a run from its checkpoint, optionally to a new total of epochs or steps.
+
+    The run folder's lock is held throughout; a new total that is not above the steps already
+    trained, a checkpoint that does not match the configuration and data that changed since
+    training are refused before ``config.json`` is rewritten.
+    """
     run_dir = Path(run_dir)
-    config = runs.read_config(run_dir)
-    if epochs is not None or steps is not None:
-        config["train"].update(epochs=epochs or config["train"]["epochs"], steps=steps)
-        if distributed.is_main():
+    with runs.locked(run_dir) if distributed.is_main() else contextlib.nullcontext():
+        config = runs.read_config(run_dir)
+        extended = epochs is not None or steps is not None
+        if extended:
+            epochs = config["train"]["epochs"] if epochs is None else epochs
+            config = {**config, "train": {**config["train"], "epochs": epochs, "steps": steps}}
+        checkpoint = runs.load_checkpoint(run_dir)
+        experiment = build_experiment(config, quiet=quiet)
+        _load_checkpoint(experiment, checkpoint, run_dir)
+        total = experiment.settings.total_steps(experiment.train_inputs[0].shape[0])
+        if extended and total <= checkpoint["step"]:
+            asked = f"--steps {steps}" if steps is not None else f"--epochs {epochs}"
+            raise ZooError(f"run {run_dir} has already trained {checkpoint['step']} steps "
+                           f"({checkpoint['epoch']} epochs) and {asked} means {total} steps in "
+                           f"all, so nothing would train: ask for more to continue it")
+        if extended and distributed.is_main():
             runs.write_config(run_dir, config)
-    experiment = build_experiment(config, quiet=quiet)
-    _train(experiment, run_dir, checkpoint=runs.load_checkpoint(run_dir))
+        _train(experiment, run_dir, checkpoint=checkpoint)
     return run_dir
 
 
+def _load_checkpoint(experiment: Experiment, checkpoint: dict[str, Any], run_dir: Path
+                     ) -> None:
+    """Load the model and guide of a checkpoint, refusing one of another model or sizes, or
+    whose optimizer state does not cover the parameters being trained."""
+    runs.load_state(experiment.model, checkpoint["model"], "model", run_dir)
+    runs.load_state(experiment.guide, checkpoint["guide"], "guide", run_dir)
+    trained = trainable_parameters(experiment.model, experiment.guide,
+                                   experiment.settings.freeze_model)
+    groups = checkpoint["optimizer"].get("param_groups")
+    if not isinstance(groups, list) or sum(len(group.get("params", ())) for group in groups
+                                           ) != len(trained):
+        raise ZooError(f"{run_dir / runs.CHECKPOINT} does not match {runs.CONFIG} (its "
+                       f"optimizer state is not that of the {len(trained)} parameter tensors "
+                       f"trained): train the run again (zoo train ... --out {run_dir} --force)")
+
+
 def _train(experiment: Experiment, run_dir: Path, checkpoint: dict[str, Any] | None) -> None:
-    history = fit(experiment.model, experiment.guide, experiment.objective,
-                  experiment.train_inputs, test=experiment.test_inputs,
-                  settings=experiment.settings, run_dir=run_dir, checkpoint=checkpoint,
-                  transform=experiment.train_transform,
-                  desc=f"training {experiment.entry.name} ({experiment.config['guide']} guide)")
+    try:
+        history = fit(experiment.model, experiment.guide, experiment.objective,
+                      experiment.train_inputs, test=experiment.test_inputs,
+                      settings=experiment.settings, run_dir=run_dir, checkpoint=checkpoint,
+                      transform=experiment.train_transform,
+                      desc=f"training {experiment.entry.name} ({experiment.config['guide']} guide)")
+    except KeyboardInterrupt:
+        kept = (f"the checkpoint of the last finished epoch is kept (continue with: zoo train "
+                f"--resume {run_dir})" if (run_dir / runs.CHECKPOINT).is_file() else
+                "no epoch had finished, so no checkpoint was written (start again with "
+                f"--out {run_dir} --force)")
+        raise KeyboardInterrupt(kept) from None
     experiment.model.cpu(), experiment.guide.cpu()
     if distributed.is_main():
         draw_figures(experiment, history, run_dir / runs.FIGURES)
@@ -240,6 +323,10 @@ def draw_figures(experiment: Experiment, history: list[dict[str, float]], folder
     experiment.history = history
     experiment.model.eval(), experiment.guide.eval()
     kinds, names = plot_kinds(experiment), training_figures(experiment)
+    if experiment.entry.images and experiment.data.image_shape is None:
+        warnings.warn(f"{experiment.data.name} is a table, not images: the figures "
+                      f"{', '.join(experiment.entry.figures)} are left out", stacklevel=2)
+        names = [name for name in names if name not in experiment.entry.figures]
     figures = []
     with progress_bar(len(names), "training figures", quiet=experiment.settings.quiet,
                       unit="figure") as bar:
@@ -254,8 +341,8 @@ def load_run(run_dir: str | os.PathLike) -> Experiment:
     config = runs.read_config(run_dir)
     checkpoint = runs.load_checkpoint(run_dir)
     experiment = build_experiment(config, quiet=True)
-    experiment.model.load_state_dict(checkpoint["model"])
-    experiment.guide.load_state_dict(checkpoint["guide"])
+    runs.load_state(experiment.model, checkpoint["model"], "model", run_dir)
+    runs.load_state(experiment.guide, checkpoint["guide"], "guide", run_dir)
     experiment.history = list(checkpoint["history"])
     return experiment
 
@@ -272,6 +359,10 @@ def evaluate_run(run_dir: str | os.PathLike, *, num_samples: int = 1000,
         raise ZooError(f"splits must be train and/or test; got {', '.join(splits) or 'none'}")
     where = distributed.setup(resolve_device(device))
     experiment = load_run(run_dir)
+    work = sum(inputs[0].numel() * num_samples for split in splits
+               if (inputs := experiment.entry.inputs(experiment.data, split)) is not None)
+    check_work(work, f"{num_samples} particles x data points x D over the {' and '.join(splits)} "
+                     f"split", "lower --particles, or evaluate --split test alone")
     seed_everything(experiment.settings.seed)
     model, guide = experiment.model.to(where).eval(), experiment.guide.to(where).eval()
     train_x = experiment.data.x_train.to(where)
@@ -291,7 +382,8 @@ def plot_run(run_dir: str | os.PathLike, kind: str | None = None,
     """Draw the figure ``kind`` of a trained run (see :func:`plot_kinds`; None: the first) into
     ``out`` (default ``RUN/figures/<kind>.png``; ``.png`` is added to a name without a suffix);
     return the path written."""
-    out = None if out is None else plots.figure_path(out)
+    if out is not None:
+        out = check_output(plots.figure_path(out), folder=False)
     experiment = load_run(run_dir)
     kinds = plot_kinds(experiment)
     kind = kind or next(iter(kinds))

@@ -45,6 +45,7 @@ from zoo.errors import ZooError
 from zoo.evaluate import ACTIVE_UNIT_THRESHOLD, active_units
 from zoo.plots import save_figure
 from zoo.train import seed_everything
+from zoo.validation import check_memory
 
 if TYPE_CHECKING:
     from zoo.experiment import Experiment
@@ -425,6 +426,8 @@ def sample_run(run_dir: str | os.PathLike, *, num_samples: int = NUM_SAMPLES,
     if not hasattr(experiment.model, "mean"):
         raise ZooError(f"zoo sample draws from generative models with a decoder (vae, cvae); "
                        f"{experiment.entry.name} has none")
+    check_memory(num_samples * experiment.data.data_dim, f"{num_samples} samples x D "
+                 f"{experiment.data.data_dim} decoder means", "lower --n")
     experiment.model.eval(), experiment.guide.eval()
     seed_everything(experiment.settings.seed)
     with torch.no_grad():

@@ -39,7 +39,8 @@ class ModelEntry:
     model sees binary images: training then draws them afresh each epoch from the grey levels,
     evaluation uses one seeded draw. ``plots`` maps each ``zoo plot --kind`` name to a function
     ``plot(experiment, path) -> path`` drawing that figure for a trained run; ``figures`` names
-    the kinds drawn after every training run, beside the loss curves.
+    the kinds drawn after every training run, beside the loss curves; ``images`` says that
+    those figures show images, so that they are left out for data without an image shape.
     """
 
     name: str
@@ -55,6 +56,7 @@ class ModelEntry:
     binarized: Callable[[dict[str, Any]], bool] = lambda options: False
     plots: dict[str, Callable[..., Any]] = field(default_factory=dict)
     figures: tuple[str, ...] = ()
+    images: bool = False
 
     @property
     def default_guide(self) -> str:
@@ -93,6 +95,7 @@ _IMAGE_MODEL_SETTINGS: dict[str, Any] = dict(
     train={"epochs": 10, "batch_size": 20, "lr": 1e-3},  # Burda et al. (2015): batch 20, Adam
     demo={"epochs": 40, "batch_size": 50, "lr": 3e-3},
     binarized=lambda options: options["likelihood"] == "bernoulli",
+    images=True,
 )
 """What the VAE and the CVAE share: digits by default, the Bernoulli likelihood on dynamically
 binarized images, the training settings of Burda et al. (2015)."""

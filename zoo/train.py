@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -113,6 +114,7 @@ class TrainSettings:
              f"--steps must be at least 1; got {self.steps}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}"),
             (self.lr > 0, f"--lr must be positive; got {self.lr}"),
+            (0 <= self.seed < 2**32, f"--seed must be in [0, 2^32); got {self.seed}"),
             (self.clip_norm is None or self.clip_norm > 0,
              f"--clip-norm must be positive; got {self.clip_norm}"),
             (self.optimizer in OPTIMIZERS,
@@ -130,6 +132,11 @@ class TrainSettings:
     def to_dict(self) -> dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if key != "quiet"}
 
+    def total_steps(self, num_train: int) -> int:
+        """The optimizer steps of the whole run on ``num_train`` data points: ``steps``, else
+        ``epochs`` times the steps of one epoch, ceil(N / min(batch_size, N))."""
+        return self.steps or self.epochs * math.ceil(num_train / min(self.batch_size, num_train))
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's generators (Pyro draws from torch's)."""
@@ -138,6 +145,8 @@ def seed_everything(seed: int) -> None:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when it is available; ``cuda`` without a GPU is an error."""
+    if name not in ("cpu", "cuda", "auto"):
+        raise ZooError(f"--device must be cpu, cuda or auto; got '{name}'")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -234,7 +243,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
     steps_per_epoch = math.ceil(num_train / batch_size)
     if settings.jit:
         distributed.check_recordings(num_train, batch_size)
-    total_steps = settings.steps or settings.epochs * steps_per_epoch
+    total_steps = settings.total_steps(num_train)
     set_progress = getattr(objective, "set_progress", None)
     schedule = LR_SCHEDULES[settings.lr_schedule]
     history: list[dict[str, float]] = []
@@ -310,4 +319,19 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
     finally:
         bar.close()
         model.requires_grad_(True)
+    warn_if_diverged(history)
     return history
+
+
+def warn_if_diverged(history: Sequence[dict[str, float]]) -> None:
+    """Warn when the last epoch's training loss L_last (nats per data point) ended far above
+    the best epoch's, L_last > L_best + 10 (|L_best| + 1): a loss that grew without becoming
+    infinite, which the checks for non-finite values do not stop."""
+    if len(history) < 2:
+        return
+    best = min(history, key=lambda row: row["train_loss"])
+    last, lowest = history[-1]["train_loss"], best["train_loss"]
+    if last > lowest + 10 * (abs(lowest) + 1):
+        warnings.warn(f"training diverged: the last epoch's loss, {last:.4g} nats per data "
+                      f"point, is far above the best, {lowest:.4g} (epoch {best['epoch']}); "
+                      f"lower --lr or set --clip-norm and train again", stacklevel=2)
