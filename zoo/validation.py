@@ -30,7 +30,8 @@ _OPTION_KEYS = {  # the types of the models' options; the registry refuses optio
                 "covariance": (str,), "likelihood": (str,), "architecture": (str,),
                 "init": (str,), "prior": (str,)}
 _TOP_KEYS = {"model": (str,), "guide": (str,), "zoo_version": (str,), "data_fingerprint": (str,)}
-_OPTIONAL = {"data_fingerprint", "data.num_data", "data.drop_constant", "objective.num_groups", "objective.beta",
+_OPTIONAL = {"data_fingerprint", "data.num_data", "data.drop_constant", "objective.num_groups",
+             "objective.beta",
              "objective.anneal_epochs", "objective.free_bits", "objective.analytic_kl"}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
                None: "null", object: "a value"}
