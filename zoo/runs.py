@@ -27,7 +27,8 @@ CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
 FIGURES = "figures"
-METRIC_COLUMNS = ("epoch", "step", "train_loss", "test_loss", "seconds")
+METRIC_COLUMNS = ("epoch", "step", "train_loss", "test_loss", "seconds", "fit_loss", "lr_factor",
+                  "improvement")
 
 
 def create_run_dir(path: str | os.PathLike, *, force: bool = False) -> Path:
