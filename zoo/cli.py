@@ -62,7 +62,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                             "nats per data point per epoch (the default for ppca, expnormal "
                             "and gmm)")
     train.add_argument("--patience", type=int, metavar="E",
-                       help="epochs over which that improvement is averaged (default 10)")
+                       help="epochs over which that improvement is averaged (default 25)")
     train.add_argument("--max-steps", type=int, metavar="S",
                        help="the budget of steps when training to convergence")
     train.add_argument("--batch-size", type=int)
@@ -254,7 +254,8 @@ def _set_threads(args: argparse.Namespace) -> None:
 
     if args.command not in ("evaluate", "sample", "plot", "diagnose"):
         return
-    threads = args.threads or read_config(args.run)["train"].get("threads")
+    threads = (args.threads if args.threads is not None
+               else read_config(args.run)["train"].get("threads"))
     if threads is not None and threads < 1:
         raise ZooError(f"--threads must be at least 1; got {threads}")
     if threads is not None:

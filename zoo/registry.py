@@ -98,12 +98,12 @@ _IMAGE_MODEL_SETTINGS: dict[str, Any] = dict(
 binarized images, the training settings of Burda et al. (2015)."""
 
 _TO_CONVERGENCE: dict[str, Any] = dict(
-    steps=20000, batch_size=256, lr=0.01, lr_schedule="plateau", tolerance=1e-5, patience=10,
+    steps=20000, batch_size=256, lr=0.01, lr_schedule="plateau", tolerance=1e-5, patience=25,
     threads=1)
 """Training to convergence, the default of the small models whose data fit in memory: Adam at
 0.01 per step (in units of the data's scale where the model declares one), halved at each
 plateau of the whole-data loss (an improvement below 1e-5 nats per point per epoch, averaged
-over 10 epochs), stopping at the plateau at lr / 32 or after 20000 steps. One CPU thread: their
+over 25 epochs), stopping at the plateau at lr / 32 or after 20000 steps. One CPU thread: their
 steps are too small for torch's threads to pay for themselves, and on a busy machine extra
 threads only wait for cores (``benchmarks/threads.py``)."""
 

@@ -129,8 +129,9 @@ class TrainSettings:
     annealing.
 
     ``tolerance``, when given, trains to convergence: training stops before the budget of
-    ``steps`` (or ``epochs``) once the training loss, smoothed over ``patience`` epochs, improves
-    by less than ``tolerance`` nats per data point per epoch (:func:`improvement`); without it
+    ``steps`` (or ``epochs``) once the loss on the whole training set, smoothed over
+    ``patience`` epochs, improves by less than ``tolerance`` nats per data point per epoch
+    (:func:`improvement`; with the plateau schedule, at its smallest learning rate); without it
     the budget is a fixed number of steps. ``threads`` is the number of CPU threads torch uses
     during training (None: torch's default).
     """
@@ -252,7 +253,7 @@ def improvement(losses: Sequence[float], patience: int) -> float | None:
 def _plateau(history: Sequence[dict[str, Any]], settings: TrainSettings) -> bool:
     """Whether the last epoch ended a plateau: an improvement below ``settings.tolerance``."""
     rate = history[-1].get("improvement") if history else None
-    return rate is not None and rate < settings.tolerance
+    return settings.tolerance is not None and rate is not None and rate < settings.tolerance
 
 
 def lr_factor(history: Sequence[dict[str, Any]], settings: TrainSettings) -> float:
