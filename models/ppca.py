@@ -184,6 +184,11 @@ class PPCA(PyroModule):
 
     ``sigma`` is a constrained parameter: the state dict holds ``sigma_unconstrained`` (its log);
     reading ``model.sigma`` gives the positive value, and ``model.sigma = tensor`` sets it.
+
+    ``W`` and ``b`` are in the units of the data: ``initialize`` records the data's scale s (the
+    root mean column variance) and ``step_scales`` asks the training engine to step them in
+    units of s (:class:`zoo.train.StepScaled`), so one learning rate fits tables of any scale.
+    ``log sigma`` needs no scale.
     """
 
     def __init__(self, data_dim: int, latent_dim: int):
@@ -194,6 +199,11 @@ class PPCA(PyroModule):
         self.W = nn.Parameter(0.1 * torch.randn(data_dim, latent_dim))
         self.b = nn.Parameter(torch.zeros(data_dim))
         self.sigma = PyroParam(torch.tensor(1.0), constraint=constraints.positive)
+        self.data_scale = 1.0
+
+    def step_scales(self) -> dict[str, float]:
+        """Parameter name -> the data's scale s, for the parameters in data units."""
+        return {"W": self.data_scale, "b": self.data_scale}
 
     def extra_repr(self) -> str:
         return f"data_dim={self.data_dim}, latent_dim={self.latent_dim}"
@@ -236,11 +246,16 @@ class PPCA(PyroModule):
             warnings.warn(f"the data's column standard deviations differ by a factor of "
                           f"{spread:.0f}; PPCA's noise is isotropic, so it will mostly fit the "
                           f"largest columns. Consider --standardize.", stacklevel=2)
-        s = x.var(0, unbiased=False).mean().sqrt() if x.shape[0] > 1 else x.new_tensor(0.0)
-        if not s > 0:
-            s = x.new_tensor(1.0)
+        s = x.new_tensor(self._record_scale(x))
         W = 0.1 * s * torch.randn(self.W.shape, dtype=self.W.dtype, device=self.W.device)
         self.set_parameters(W=W, b=x.mean(0), sigma=0.5 * s)
+
+    def _record_scale(self, x: Tensor) -> float:
+        """Record and return the data's scale s, the root mean column variance of ``x``
+        (1 for constant data)."""
+        s = x.var(0, unbiased=False).mean().sqrt().item() if x.shape[0] > 1 else 0.0
+        self.data_scale = s if s > 0 else 1.0
+        return self.data_scale
 
     @torch.no_grad()
     def initialize(self, x: Tensor, init: str = "data") -> None:
@@ -259,6 +274,7 @@ class PPCA(PyroModule):
             self.initialize_from_data(x)
             return
         W, b, sigma = maximum_likelihood(self._check(x), self.latent_dim)
+        self._record_scale(x)
         if init == "closed-form-rotated":
             W = W @ random_rotation(self.latent_dim).to(W)
         self.set_parameters(W, b, sigma)

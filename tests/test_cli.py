@@ -40,7 +40,9 @@ def test_train_evaluate_and_resume(tmp_path, capsys):
                                                "figures"}
     assert main(["evaluate", str(run), "--particles", "50", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"train", "test"}
+    assert set(result) == {"train", "test", "convergence"}
+    assert result.pop("convergence") == {"converged": None, "steps": 30, "improvement": None,
+                                         "tolerance": None}      # a fixed budget
     for split in result.values():
         assert {"elbo", "log_likelihood", "exact_log_likelihood", "mle_log_likelihood",
                 "posterior_kl"} <= set(split)
@@ -56,7 +58,7 @@ def test_no_test_split_gives_only_train_metrics(tmp_path, capsys):
     assert main(["train", "ppca", "--test-fraction", "0", "--out", str(run), *TINY]) == 0
     capsys.readouterr()
     assert main(["evaluate", str(run), "--particles", "10", "--json"]) == 0
-    assert set(json.loads(capsys.readouterr().out)) == {"train"}
+    assert set(json.loads(capsys.readouterr().out)) == {"train", "convergence"}
 
 
 def test_user_csv_table(tmp_path, capsys):
@@ -214,7 +216,7 @@ def test_evaluate_one_split(tmp_path, capsys):
     assert main(["train", "ppca", "--out", str(run), *TINY]) == 0
     capsys.readouterr()
     assert main(["evaluate", str(run), "--particles", "10", "--split", "test", "--json"]) == 0
-    assert set(json.loads(capsys.readouterr().out)) == {"test"}
+    assert set(json.loads(capsys.readouterr().out)) == {"test", "convergence"}
     none = tmp_path / "none"
     assert main(["train", "ppca", "--test-fraction", "0", "--out", str(none), *TINY]) == 0
     capsys.readouterr()
@@ -313,3 +315,32 @@ def test_the_training_bar_names_model_and_guide_and_quiet_silences_it(tmp_path, 
     assert main(["evaluate", str(run), "--particles", "10", "--json", "--quiet"]) == 0
     captured = capsys.readouterr()
     assert captured.err == "" and set(json.loads(captured.out)) == {"train", "test"}
+
+
+def test_training_to_convergence_is_the_default_and_a_short_budget_says_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "ppca", "--max-steps", "30", "--quiet", "--out", str(run)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("zoo: warning: training used its budget of 30 ")
+    assert "--max-steps 60" in err[0] and f"--resume {run} --steps 60" in err[0]
+    assert main(["evaluate", str(run), "--particles", "10"]) == 0
+    assert "training: NOT converged within its budget of 30 steps" in capsys.readouterr().out
+
+
+def test_threads_are_recorded_and_used_by_the_commands_on_the_run(tmp_path, capsys):
+    from zoo.runs import read_config
+
+    before = torch.get_num_threads()
+    run = tmp_path / "run"
+    try:
+        assert main(["train", "ppca", *TINY, "--threads", "1", "--out", str(run)]) == 0
+        assert read_config(run)["train"]["threads"] == 1
+        torch.set_num_threads(2)
+        assert main(["evaluate", str(run), "--particles", "10", "--json"]) == 0
+        assert torch.get_num_threads() == 1                     # the run's own
+        assert main(["evaluate", str(run), "--particles", "10", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2                     # --threads wins
+        _fails_with(capsys, ["evaluate", str(run), "--threads", "0"],
+                    "--threads must be at least 1")
+    finally:
+        torch.set_num_threads(before)

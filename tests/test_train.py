@@ -164,7 +164,9 @@ def test_gradient_clipping_bounds_the_update(small_ppca_config):
     fit(experiment.model, experiment.guide, experiment.objective, experiment.train_inputs,
         settings=settings)
     after = [*experiment.model.parameters(), *experiment.guide.parameters()]
-    change = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after, before, strict=True)))
+    step_scales = [experiment.model.data_scale] * 2 + [1.0] * (len(after) - 2)  # W, b first
+    change = torch.sqrt(sum(((a - b) / scale).square().sum()
+                            for a, b, scale in zip(after, before, step_scales, strict=True)))
     assert 0 < change <= 1e-3 * (1 + 1e-5)
 
 
@@ -287,3 +289,95 @@ def test_jit_refuses_objectives_it_cannot_trace(tmp_path, objective, message):
     with pytest.raises(ZooError, match=message):
         train_run(config, tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+# --- training to convergence ---------------------------------------------------------------------
+
+def _convergence_config(**train):
+    """PPCA on a small synthetic set, trained to convergence with a loose tolerance."""
+    from zoo.experiment import make_config
+
+    return make_config("ppca", guide="full", data={"name": "synthetic-ppca"},
+                       train={"max_steps": 3000, "batch_size": 200, "tolerance": 1e-3,
+                              "patience": 3, **train})
+
+
+def test_training_to_convergence_stops_early_and_records_it(tmp_path):
+    run_dir = train_run(_convergence_config(), tmp_path / "run", quiet=True)
+    summary = runs.read_config(run_dir)["convergence"]
+    rows = runs.read_metrics(run_dir)
+    assert summary["converged"] is True
+    assert summary["steps"] == rows[-1]["step"] < 3000
+    assert summary["improvement"] == rows[-1]["improvement"] < 1e-3
+    assert not any(row["improvement"] < 1e-3 and row["lr_factor"] == 2.0**-5  # NaN: not yet
+                   for row in rows[:-1])
+    assert rows[-1]["lr_factor"] == 2.0**-5     # converged at the plateau schedule's end
+
+
+def test_a_budget_too_small_to_converge_says_so(tmp_path):
+    config = _convergence_config(max_steps=60, tolerance=1e-6)
+    with pytest.warns(UserWarning, match=r"without converging.*--max-steps 120"):
+        run_dir = train_run(config, tmp_path / "run", quiet=True)
+    summary = runs.read_config(run_dir)["convergence"]
+    assert summary == {"converged": False, "steps": 60, "tolerance": 1e-6,
+                       "improvement": summary["improvement"]}
+    assert summary["improvement"] > 1e-6
+
+
+def test_training_to_convergence_resumes_bitwise(tmp_path):
+    config = _convergence_config()
+    whole = train_run(config, tmp_path / "whole", quiet=True)
+    epochs = len(runs.read_metrics(whole))
+
+    experiment = build_experiment(config, quiet=True)
+    stopped = runs.create_run_dir(tmp_path / "stopped")
+    runs.write_config(stopped, config)
+
+    def stop_midway(row):
+        if row["epoch"] == epochs // 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(experiment.model, experiment.guide, experiment.objective, experiment.train_inputs,
+            settings=experiment.settings, run_dir=stopped, on_epoch=stop_midway)
+    resume_run(stopped, quiet=True)
+    _assert_bitwise_equal(_parameters(load_run(whole)), _parameters(load_run(stopped)))
+    columns = ("epoch", "step", "train_loss", "fit_loss", "lr_factor", "improvement")
+    rows = [[tuple(str(row[column]) for column in columns) for row in runs.read_metrics(run_dir)]
+            for run_dir in (whole, stopped)]
+    assert rows[0] == rows[1]
+    assert runs.read_config(whole)["convergence"] == runs.read_config(stopped)["convergence"]
+
+
+def test_a_fixed_budget_turns_off_the_default_convergence_and_max_steps_keeps_it():
+    from zoo.experiment import make_config
+
+    default = make_config("ppca")["train"]
+    assert default["tolerance"] is not None and default["lr_schedule"] == "plateau"
+    fixed = make_config("ppca", train={"steps": 500})["train"]
+    assert fixed["tolerance"] is None and fixed["lr_schedule"] == "cosine"
+    assert fixed["steps"] == 500
+    roomier = make_config("ppca", train={"max_steps": 99})["train"]
+    assert roomier["steps"] == 99 and roomier["tolerance"] == default["tolerance"]
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"tolerance": 0.0}, "--tolerance must be positive"),
+    ({"patience": 0}, "--patience must be at least 1"),
+    ({"threads": 0}, "--threads must be at least 1"),
+    ({"lr_schedule": "plateau"}, "--lr-schedule plateau needs --tolerance"),
+])
+def test_bad_convergence_settings_are_refused(settings, message):
+    with pytest.raises(ZooError, match=message):
+        TrainSettings(**settings)
+
+
+def test_threads_are_used_during_training_and_restored_after(small_ppca_config):
+    before = torch.get_num_threads()
+    config = dict(small_ppca_config, train={**small_ppca_config["train"], "threads": 1})
+    experiment = build_experiment(config, quiet=True)
+    seen = []
+    fit(experiment.model, experiment.guide, experiment.objective, experiment.train_inputs,
+        settings=experiment.settings, on_epoch=lambda row: seen.append(torch.get_num_threads()))
+    assert set(seen) == {1}
+    assert torch.get_num_threads() == before

@@ -78,8 +78,17 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     objective.add_argument("--free-bits", type=float, metavar="L",
                            help="free bits: at least L nats of KL per latent dimension count")
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--steps", type=int, help="total optimizer steps (overrides --epochs)")
+    train.add_argument("--epochs", type=int, help="a fixed budget of epochs")
+    train.add_argument("--steps", type=int,
+                       help="a fixed budget of optimizer steps (overrides --epochs)")
+    train.add_argument("--tolerance", type=float, metavar="T",
+                       help="train to convergence: stop once the loss improves by less than T "
+                            "nats per data point per epoch (the default for ppca, expnormal "
+                            "and gmm)")
+    train.add_argument("--patience", type=int, metavar="E",
+                       help="epochs over which that improvement is averaged (default 25)")
+    train.add_argument("--max-steps", type=int, metavar="S",
+                       help="the budget of steps when training to convergence")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float, help="learning rate")
     train.add_argument("--optimizer", help="adam (default), adamw or sgd")
@@ -87,6 +96,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--clip-norm", type=float, help="clip the global gradient norm")
     train.add_argument("--seed", type=int, help="seed for everything (default 0)")
     train.add_argument("--device", help="cpu (default), cuda or auto")
+    _add_threads_argument(train)
     train.add_argument("--freeze-model", action="store_true", default=None,
                        help="train the guide alone, the model's parameters held fixed")
     train.add_argument("--jit", action="store_true", default=None,
@@ -104,6 +114,12 @@ def _add_nproc_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, metavar="N",
                         help="run in N processes on this machine, through torch's launcher "
                              "(the same as torchrun --standalone --nproc-per-node N -m zoo ...)")
+
+
+def _add_threads_argument(parser) -> None:
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads torch uses (default: 1 for ppca, expnormal and gmm, "
+                             "torch's own for the image models; a trained run's own)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_nproc_argument(evaluate)
+    _add_threads_argument(evaluate)
     sample = commands.add_parser("sample", help="draw new data from a trained generative model")
     sample.add_argument("run", metavar="RUN", help="run folder")
     sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
@@ -132,11 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", metavar="FILE",
                         help=".png image grid or .npy array of decoder means "
                              "(default: a new RUN/samples/samples-NNN.png)")
+    _add_threads_argument(sample)
     plot = commands.add_parser("plot", help="draw one figure of a trained run")
     plot.add_argument("run", metavar="RUN", help="run folder")
     plot.add_argument("--kind", help="which figure (default: the model's first kind; the "
                                      "kinds are listed when the kind is unknown)")
     plot.add_argument("--out", metavar="FILE", help="image file (default RUN/figures/KIND.png)")
+    _add_threads_argument(plot)
     diagnose = commands.add_parser(
         "diagnose", help="approximate against exact posteriors: KL, PSIS, calibration, gaps")
     diagnose.add_argument("run", metavar="RUN", help="run folder")
@@ -144,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="test points to diagnose (default 20)")
     diagnose.add_argument("--json", action="store_true", help="print one JSON object")
     diagnose.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_threads_argument(diagnose)
     demo = commands.add_parser("demo", help="train every model briefly and write a report")
     demo.add_argument("--out", metavar="DIR", help="report folder (default reports/demo-<time>)")
     demo.add_argument("--force", action="store_true", help="overwrite an existing report")
@@ -152,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a few steps per model and small diagnostics: checks that everything "
                            "runs and shows the report in a minute or two, not what the models "
                            "can do")
+    _add_threads_argument(demo)
     return parser
 
 
@@ -196,7 +217,9 @@ def _new_config(args: argparse.Namespace) -> dict:
         train={"epochs": args.epochs, "steps": args.steps, "batch_size": args.batch_size,
                "lr": args.lr, "optimizer": args.optimizer, "lr_schedule": args.lr_schedule,
                "clip_norm": args.clip_norm, "seed": args.seed, "device": args.device,
-               "freeze_model": args.freeze_model, "jit": args.jit})
+               "freeze_model": args.freeze_model, "jit": args.jit,
+               "tolerance": args.tolerance, "patience": args.patience,
+               "max_steps": args.max_steps, "threads": args.threads})
 
 
 def _launch(args: argparse.Namespace, device: str, batch_size: int | None = None,
@@ -220,20 +243,21 @@ def _train(args: argparse.Namespace) -> int | None:
     if args.resume:
         given = [flag for flag, value in vars(args).items()
                  if value not in (None, False) and flag not in
-                 ("command", "resume", "epochs", "steps", "quiet", "model_options", "nproc",
-                  "argv")]
+                 ("command", "resume", "epochs", "steps", "max_steps", "quiet",
+                  "model_options", "nproc", "argv")]
         if given:
             flags = ", ".join("--" + flag.replace("_", "-") if flag != "model" else "MODEL"
                               for flag in given)
             raise ZooError(f"--resume continues a run with its own settings; drop {flags} "
-                           f"(only --epochs, --steps, --quiet and --nproc may change)")
+                           f"(only --epochs, --steps, --max-steps, --quiet and --nproc may change)")
     config = read_config(args.resume) if args.resume else _new_config(args)
     if args.nproc is not None:
         return _launch(args, config["train"]["device"], config["train"]["batch_size"],
                        config["objective"].get("free_bits") or 0.0)
     distributed.check(config["train"]["batch_size"], config["objective"].get("free_bits") or 0.0)
     if args.resume:
-        run_dir = resume_run(args.resume, epochs=args.epochs, steps=args.steps, quiet=args.quiet)
+        run_dir = resume_run(args.resume, epochs=args.epochs, steps=args.steps or args.max_steps,
+                             quiet=args.quiet)
     else:
         run_dir = train_run(config, args.out, force=args.force, quiet=args.quiet)
     if distributed.is_main():
@@ -243,6 +267,8 @@ def _train(args: argparse.Namespace) -> int | None:
 
 def _evaluate(args: argparse.Namespace) -> int | None:
     from zoo.experiment import evaluate_run
+    from zoo.runs import read_config
+    from zoo.train import describe_convergence
 
     if args.nproc is not None:
         return _launch(args, args.device)
@@ -253,8 +279,9 @@ def _evaluate(args: argparse.Namespace) -> int | None:
         raise ZooError(f"run {args.run} has no {args.split} split to evaluate")
     if not distributed.is_main():
         return None
+    convergence = read_config(args.run).get("convergence")
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({**result, "convergence": convergence}))
         return None
     names = list(dict.fromkeys(name for split in result.values() for name in split))
     print(f"{'metric (mean per data point)':30s}" + "".join(f"{s:>14s}" for s in result))
@@ -263,6 +290,8 @@ def _evaluate(args: argparse.Namespace) -> int | None:
                                       for values in result.values()))
     if "bic" in names:
         print("(bic is for the whole split: -2 log-likelihood + parameters x log N)")
+    if convergence is not None:
+        print(describe_convergence(convergence))
     return None
 
 
@@ -309,7 +338,25 @@ def _demo(args: argparse.Namespace) -> None:
     from zoo.demo import DemoSettings, quick_settings, run_demo
 
     settings = quick_settings() if args.quick else DemoSettings()
-    print(run_demo(args.out, quiet=args.quiet, force=args.force, settings=settings))
+    print(run_demo(args.out, quiet=args.quiet, force=args.force, settings=settings,
+                   threads=args.threads))
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """``--threads`` for the commands on a trained run, which otherwise use the run's own
+    (``train`` and ``demo`` pass theirs to each training run)."""
+    import torch
+
+    from zoo.runs import read_config
+
+    if args.command not in ("evaluate", "sample", "plot", "diagnose"):
+        return
+    threads = (args.threads if args.threads is not None
+               else read_config(args.run)["train"].get("threads"))
+    if threads is not None and threads < 1:
+        raise ZooError(f"--threads must be at least 1; got {threads}")
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -334,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from zoo.train import TrainingDiverged
 
     try:
+        _set_threads(args)
         status = {"list": lambda _: _list(), "train": _train, "evaluate": _evaluate,
                   "sample": _sample, "plot": _plot, "diagnose": _diagnose,
                   "demo": _demo}[args.command](args) or 0

@@ -18,6 +18,7 @@ from zoo.experiment import evaluate_run, make_config, train_run
 from zoo.progress import progress_bar
 from zoo.registry import MODELS, ModelEntry
 from zoo.report import Section, write_report
+from zoo.train import describe_convergence
 from zoo.validation import check_output
 
 
@@ -45,10 +46,11 @@ def figures_in_reading_order(run_dir: Path, entry: ModelEntry) -> list[Path]:
 
 
 def run_demo(out: str | os.PathLike | None = None, *, quiet: bool = False, force: bool = False,
-             settings: DemoSettings = DemoSettings()) -> Path:
+             settings: DemoSettings = DemoSettings(), threads: int | None = None) -> Path:
     """Run the demo into ``out`` (default ``reports/demo-<timestamp>``); return the report path.
     A progress bar counts the models, with each model's stage, unless ``quiet``. An existing
-    report folder is refused unless ``force``, and a run folder always."""
+    report folder is refused unless ``force``, and a run folder always. ``threads`` overrides
+    each model's default number of CPU threads."""
     out = check_output(f"reports/demo-{time.strftime('%Y%m%d-%H%M%S')}" if out is None else out,
                        folder=True)
     if (out / runs.CONFIG).exists():
@@ -64,7 +66,7 @@ def run_demo(out: str | os.PathLike | None = None, *, quiet: bool = False, force
             options = {name: value for name, value in settings.options.items()
                        if name in entry.options}
             config = make_config(entry.name, options=options,
-                                 train={**entry.demo, **settings.train})
+                                 train={**entry.demo, **settings.train, "threads": threads})
             started = time.perf_counter()
             bar.set_postfix_str(f"{entry.name}: training")
             run_dir = train_run(config, out / entry.name, force=force, quiet=quiet)
@@ -93,6 +95,7 @@ def _section(entry: ModelEntry, config: dict[str, Any], run_dir: Path,
     columns[f"diagnostics: first {points} points"] = summary
     draws = summary.get("num_draws")
     notes = [
+        describe_convergence(runs.read_config(run_dir)["convergence"]),
         f"{seconds:.1f} s; run folder {run_dir.name}/ (its report.html has the diagnostics "
         f"alone).",
         f"The split columns average over every point of the split, log_likelihood estimated "

@@ -32,6 +32,7 @@ from zoo.progress import progress_bar
 from zoo.registry import ModelEntry, build, get_model
 from zoo.train import (
     TrainSettings,
+    convergence,
     fit,
     resolve_device,
     seed_everything,
@@ -46,7 +47,10 @@ def make_config(model: str, *, guide: str | None = None, options: dict[str, Any]
     """A complete configuration: the given values over the registry's defaults for ``model``.
 
     Values that are None count as not given; giving ``epochs`` without ``steps`` trains for
-    that many epochs even where the model's default is a number of steps. A data file and a
+    that many epochs even where the model's default is a number of steps. Giving ``epochs`` or
+    ``steps`` (without ``tolerance``) asks for that fixed budget, so it also turns off a default
+    of training to convergence, and a default ``plateau`` schedule becomes ``cosine``;
+    ``max_steps`` is the budget of training to convergence. A data file and a
     data folder are made absolute, so the run folder can be used from anywhere.
     """
     entry = get_model(model)
@@ -62,6 +66,12 @@ def make_config(model: str, *, guide: str | None = None, options: dict[str, Any]
     train, defaults = given(train), dict(entry.train)
     if "epochs" in train:  # asking for epochs overrides a default number of steps
         defaults.pop("steps", None)
+    if ("epochs" in train or "steps" in train) and "tolerance" not in train:
+        defaults.pop("tolerance", None)
+        if defaults.get("lr_schedule") == "plateau":
+            defaults["lr_schedule"] = "cosine"
+    if "max_steps" in train:
+        train["steps"] = train.pop("max_steps")
     settings = TrainSettings(**{**defaults, **train})
     data["seed"] = settings.seed
     config = {
@@ -266,6 +276,9 @@ def _train(experiment: Experiment, run_dir: Path, checkpoint: dict[str, Any] | N
                 "no epoch had finished, so no checkpoint was written (start again with "
                 f"--out {run_dir} --force)")
         raise KeyboardInterrupt(kept) from None
+    if distributed.is_main():
+        runs.write_config(run_dir, {**experiment.config,
+                                    "convergence": convergence(history, experiment.settings)})
     experiment.model.cpu(), experiment.guide.cpu()
     if distributed.is_main():
         draw_figures(experiment, history, run_dir / runs.FIGURES)

@@ -100,6 +100,16 @@ _IMAGE_MODEL_SETTINGS: dict[str, Any] = dict(
 """What the VAE and the CVAE share: digits by default, the Bernoulli likelihood on dynamically
 binarized images, the training settings of Burda et al. (2015)."""
 
+_TO_CONVERGENCE: dict[str, Any] = dict(
+    steps=20000, batch_size=256, lr=0.01, lr_schedule="plateau", tolerance=1e-5, patience=25,
+    threads=1)
+"""Training to convergence, the default of the small models whose data fit in memory: Adam at
+0.01 per step (in units of the data's scale where the model declares one), halved at each
+plateau of the whole-data loss (an improvement below 1e-5 nats per point per epoch, averaged
+over 25 epochs), stopping at the plateau at lr / 32 or after 20000 steps. One CPU thread: their
+steps are too small for torch's threads to pay for themselves, and on a busy machine extra
+threads only wait for cores (``benchmarks/threads.py``)."""
+
 MODELS: dict[str, ModelEntry] = {
     entry.name: entry for entry in [
         ModelEntry(
@@ -111,7 +121,7 @@ MODELS: dict[str, ModelEntry] = {
                     "full": partial(_ppca_guide, ppca_guides.FullGuide)},
             default_data="synthetic-ppca",
             options={"latent_dim": 2, "init": "data"},
-            train={"steps": 3000, "batch_size": 256, "lr": 0.01, "lr_schedule": "cosine"},
+            train=_TO_CONVERGENCE,
             demo={"steps": 1500},
         ),
         ModelEntry(
@@ -122,7 +132,7 @@ MODELS: dict[str, ModelEntry] = {
             guides={"lognormal": partial(_from_data, expnormal_guides.LogNormalGuide),
                     "normal": partial(_from_data, expnormal_guides.NormalGuide)},
             default_data="synthetic-expnormal",
-            train={"steps": 3000, "batch_size": 256, "lr": 0.01, "lr_schedule": "cosine"},
+            train=_TO_CONVERGENCE,
             demo={"steps": 1500},
             plots={"posterior-fit": plots.plot_expnormal_fits},
             figures=("posterior-fit",),
@@ -159,7 +169,8 @@ MODELS: dict[str, ModelEntry] = {
                     "amortized": gmm_guides.AmortizedGuide.for_data},
             default_data="synthetic-gmm",
             options={"components": 3, "covariance": "full", "restarts": 10, "prior": "none"},
-            train={"steps": 1000, "batch_size": 256, "lr": 0.1, "lr_schedule": "cosine"},
+            train={"steps": 1000, "batch_size": 256, "lr": 0.1, "lr_schedule": "cosine",
+                   "threads": 1},
             demo={"steps": 500},
             objectives={"enumerate": {"name": "enum"}, "amortized": {"name": "tracegraph"}},
             plots={"components": mixture_plots.plot_run_components},

@@ -45,7 +45,8 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
 FIGURES = "figures"
 LOCK = ".lock"
-METRIC_COLUMNS = ("epoch", "step", "train_loss", "test_loss", "seconds")
+METRIC_COLUMNS = ("epoch", "step", "train_loss", "test_loss", "seconds", "fit_loss", "lr_factor",
+                  "improvement")
 
 
 @contextlib.contextmanager

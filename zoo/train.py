@@ -30,11 +30,12 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pyro
@@ -55,19 +56,55 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
-def make_optimizer(name: str, parameters: list[torch.nn.Parameter], lr: float
-                   ) -> torch.optim.Optimizer:
-    """The optimizer ``name`` over ``parameters``, with torch's fused kernel: one pass over all
-    parameters per step instead of a few small operations per tensor, the same update up to
-    rounding (at batch 20 on an MNIST VAE it saves about a quarter of a CPU training step)."""
+@runtime_checkable
+class StepScaled(Protocol):
+    """A module whose parameters live in the units of the data: ``step_scales()`` maps the names
+    of such parameters to the data's scale, and the learning rate of each is multiplied by it.
+
+    Adam moves every parameter by about ``lr`` per step whatever its gradient's size, so a
+    loading matrix of entries near 0.01 (or 1000) needs a learning rate 100 times smaller (or
+    larger) than one of entries near 1; scaling the step with the data makes one default
+    learning rate fit tables of any scale. It is the same as training ``W / s`` at ``lr``.
+    """
+
+    def step_scales(self) -> dict[str, float]: ...
+
+
+def parameter_groups(modules: Sequence[torch.nn.Module], parameters: list[torch.nn.Parameter]
+                     ) -> list[dict[str, Any]]:
+    """``parameters`` in groups of equal ``step_scale`` (1 unless a :class:`StepScaled` module
+    declares another), in the order of their first member, for the optimizer."""
+    scales: dict[torch.nn.Parameter, float] = {}
+    for module in modules:
+        if isinstance(module, StepScaled):
+            named = dict(module.named_parameters())
+            scales.update({named[name]: scale for name, scale in module.step_scales().items()})
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for parameter in parameters:
+        groups.setdefault(scales.get(parameter, 1.0), []).append(parameter)
+    return [{"params": members, "step_scale": scale} for scale, members in groups.items()]
+
+
+def make_optimizer(name: str, parameters: list[torch.nn.Parameter] | list[dict[str, Any]],
+                   lr: float) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``parameters`` (or parameter groups), with torch's fused
+    kernel: one pass over all parameters per step instead of a few small operations per tensor,
+    the same update up to rounding (at batch 20 on an MNIST VAE it saves about a quarter of a CPU
+    training step)."""
     return OPTIMIZERS[name](parameters, lr=lr, fused=True)
 
 
 LR_SCHEDULES: dict[str, Callable[[float], float]] = {
     "constant": lambda progress: 1.0,
     "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "plateau": lambda progress: 1.0,
 }
-"""Schedule name -> learning-rate factor as a function of the share of steps done, in [0, 1]."""
+"""Schedule name -> learning-rate factor as a function of the share of steps done, in [0, 1].
+``plateau`` is constant between the plateaus of the loss, where :func:`lr_factor` halves it."""
+
+PLATEAU_HALVINGS = 5
+"""The ``plateau`` schedule halves the learning rate at each plateau of the loss, at most this
+many times; training to convergence stops at the plateau reached at the smallest rate."""
 
 
 class TrainingDiverged(ZooError):
@@ -84,14 +121,24 @@ def _diverged(what: str, run_dir: Path | None, epoch: int) -> TrainingDiverged:
 class TrainSettings:
     """How to train. ``steps``, when given, overrides ``epochs`` (the last epoch may be partial).
 
-    ``lr_schedule`` is ``constant`` or ``cosine``: lr_t = lr (1 + cos(pi t / T)) / 2 at step t of
-    T, which lets stochastic gradients settle at the optimum instead of jittering around it.
+    ``lr_schedule`` is ``constant``, ``cosine``: lr_t = lr (1 + cos(pi t / T)) / 2 at step t of
+    T, which lets stochastic gradients settle at the optimum instead of jittering around it, or
+    ``plateau`` (needs ``tolerance``): lr halved each time the loss stops improving by
+    ``tolerance`` per epoch, down to lr / 2^PLATEAU_HALVINGS, the same settling without a
+    fixed number of steps.
     ``clip_norm`` clips the global gradient norm; ``device`` is ``cpu``, ``cuda`` or ``auto``.
     ``freeze_model`` trains the guide alone, with the model's parameters held where they are.
     ``jit`` computes the loss by a recording of it per batch shape
     (:func:`zoo.objectives.traced_loss`, made under the first step's argument checks): the same
     values and gradients, without Pyro's Python work, for elbo, iwae, miwae and ciwae without KL
     annealing.
+
+    ``tolerance``, when given, trains to convergence: training stops before the budget of
+    ``steps`` (or ``epochs``) once the loss on the whole training set, smoothed over
+    ``patience`` epochs, improves by less than ``tolerance`` nats per data point per epoch
+    (:func:`improvement`; with the plateau schedule, at its smallest learning rate); without it
+    the budget is a fixed number of steps. ``threads`` is the number of CPU threads torch uses
+    during training (None: torch's default).
     """
 
     epochs: int = 10
@@ -105,6 +152,9 @@ class TrainSettings:
     device: str = "cpu"
     freeze_model: bool = False
     jit: bool = False
+    tolerance: float | None = None
+    patience: int = 10
+    threads: int | None = None
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -122,6 +172,14 @@ class TrainSettings:
             (self.lr_schedule in LR_SCHEDULES,
              f"unknown --lr-schedule '{self.lr_schedule}'; choose one of: "
              f"{', '.join(LR_SCHEDULES)}"),
+            (self.tolerance is None or self.tolerance > 0,
+             f"--tolerance must be positive; got {self.tolerance}"),
+            (self.lr_schedule != "plateau" or self.tolerance is not None,
+             "--lr-schedule plateau needs --tolerance: it halves the learning rate where the "
+             "loss improves by less than that"),
+            (self.patience >= 1, f"--patience must be at least 1; got {self.patience}"),
+            (self.threads is None or self.threads >= 1,
+             f"--threads must be at least 1; got {self.threads}"),
             (self.device in ("cpu", "cuda", "auto"),
              f"--device must be cpu, cuda or auto; got '{self.device}'"),
         ]
@@ -188,6 +246,84 @@ def trainable_parameters(model: torch.nn.Module, guide: torch.nn.Module, freeze_
     return parameters
 
 
+def improvement(losses: Sequence[float], patience: int) -> float | None:
+    """How much the loss still improves per epoch, smoothed over epochs.
+
+    With l_e the loss at the end of epoch e (nats per data point), E epochs done and
+    P = ``patience``: the mean of l over epochs E - 2P + 1 .. E - P minus its mean over
+    E - P + 1 .. E, divided by the P epochs between them. Positive while training improves the
+    loss; None before 2 P epochs.
+
+    Training to convergence measures l_e as the loss on the whole training set with the same
+    random draws at every epoch (``average_loss`` with the run's seed, the ``fit_loss`` column):
+    the differences between epochs are then those of the parameters, not of the draws, so a
+    slow improvement stands out of the noise that a minibatch average over an epoch carries.
+    """
+    if len(losses) < 2 * patience:
+        return None
+    before, last = losses[-2 * patience:-patience], losses[-patience:]
+    return (sum(before) - sum(last)) / patience**2
+
+
+def _plateau(history: Sequence[dict[str, Any]], settings: TrainSettings) -> bool:
+    """Whether the last epoch ended a plateau: an improvement below ``settings.tolerance``."""
+    rate = history[-1].get("improvement") if history else None
+    return settings.tolerance is not None and rate is not None and rate < settings.tolerance
+
+
+def lr_factor(history: Sequence[dict[str, Any]], settings: TrainSettings) -> float:
+    """The plateau schedule's factor for the next epoch: that of the last epoch, halved when
+    that epoch ended a plateau (at most ``PLATEAU_HALVINGS`` times); 1 for other schedules."""
+    if not history:
+        return 1.0
+    factor = history[-1].get("lr_factor", 1.0)
+    halve = (settings.lr_schedule == "plateau" and _plateau(history, settings)
+             and factor > 2.0**-PLATEAU_HALVINGS)
+    return factor / 2 if halve else factor
+
+
+def converged(history: Sequence[dict[str, Any]], settings: TrainSettings) -> bool:
+    """Whether training to convergence (``settings.tolerance``) has stopped improving: a
+    plateau, for the plateau schedule at its smallest learning rate."""
+    return _plateau(history, settings) and (
+        settings.lr_schedule != "plateau"
+        or history[-1].get("lr_factor", 1.0) <= 2.0**-PLATEAU_HALVINGS)
+
+
+def convergence(history: Sequence[dict[str, Any]], settings: TrainSettings) -> dict[str, Any]:
+    """How a run ended: ``converged`` (None for a fixed budget), ``steps`` done, the last
+    ``improvement`` per epoch (nats per data point, None before 2 ``patience`` epochs) and the
+    ``tolerance``; config.json, ``zoo evaluate --json`` and the report show it."""
+    return {"converged": None if settings.tolerance is None else converged(history, settings),
+            "steps": history[-1]["step"] if history else 0,
+            "improvement": history[-1].get("improvement") if history else None,
+            "tolerance": settings.tolerance}
+
+
+def describe_convergence(summary: dict[str, Any]) -> str:
+    """One line for a :func:`convergence` summary."""
+    steps, rate, tolerance = summary["steps"], summary["improvement"], summary["tolerance"]
+    if summary["converged"] is None:
+        return f"training: a fixed budget of {steps} steps"
+    still = "" if rate is None else f", improving by {rate:.2g} nats per point per epoch"
+    if summary["converged"]:
+        return f"training: converged after {steps} steps{still} (tolerance {tolerance:g})"
+    return f"training: NOT converged within its budget of {steps} steps{still} " \
+           f"(tolerance {tolerance:g})"
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the body with torch using ``threads`` CPU threads (None: leave it as it is)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.no_grad()
 def average_loss(objective, model, guide, data: Sequence[torch.Tensor], *, seed: int,
                  chunk_size: int = 4096) -> float:
@@ -215,7 +351,9 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
     indexes data points, passed to model and guide as positional arguments).
 
     Returns the history: one dict per epoch with ``epoch``, ``step``, ``train_loss`` (mean loss
-    per data point over the epoch's steps), ``test_loss`` (on ``test``, or None) and ``seconds``.
+    per data point over the epoch's steps), ``test_loss`` (on ``test``, or None), ``seconds`` and
+    ``improvement`` (:func:`improvement`). With ``settings.tolerance`` training stops once it
+    has converged (:func:`converged`), and warns when the budget ends first.
     With ``run_dir``, each epoch appends its row to metrics.csv and replaces checkpoint.pt;
     with ``checkpoint`` (a dict from :func:`zoo.runs.load_checkpoint`), training continues from
     it. ``transform``, when given, maps ``train`` to the tensors of each new epoch (dynamic
@@ -226,6 +364,13 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
     (unless ``settings.quiet``) is labelled ``desc``.
     """
     settings = settings or TrainSettings()
+    with torch_threads(settings.threads):
+        return _fit(model, guide, objective, train, test, settings, run_dir, checkpoint,
+                    transform, on_epoch, desc)
+
+
+def _fit(model, guide, objective, train, test, settings, run_dir, checkpoint, transform,
+         on_epoch, desc) -> list[dict[str, float]]:
     distributed.check(settings.batch_size, getattr(objective, "free_bits", 0.0))
     device = distributed.setup(resolve_device(settings.device))
     model.to(device), guide.to(device)
@@ -236,7 +381,8 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
     loss_of = (traced_loss(objective, model, shared_guide) if settings.jit
                else partial(objective.differentiable_loss, model, shared_guide))
     model.requires_grad_(not settings.freeze_model)
-    optimizer = make_optimizer(settings.optimizer, parameters, settings.lr)
+    optimizer = make_optimizer(settings.optimizer, parameter_groups((model, guide), parameters),
+                               settings.lr)
 
     num_train = train[0].shape[0]
     batch_size = min(settings.batch_size, num_train)
@@ -264,8 +410,9 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
                disable=settings.quiet or not distributed.is_main(),
                dynamic_ncols=True, desc=desc)
     try:
-        while step < total_steps:
+        while step < total_steps and not converged(history, settings):
             epoch = len(history) + 1
+            factor = lr_factor(history, settings)
             started = time.perf_counter()
             loss_sum, seen = torch.zeros((), device=device), 0
             epoch_data = train if transform is None else transform(train)
@@ -289,7 +436,8 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
                 if settings.clip_norm is not None:
                     clip_grad_norm_(parameters, settings.clip_norm)
                 for group in optimizer.param_groups:
-                    group["lr"] = settings.lr * schedule(step / total_steps)
+                    group["lr"] = (settings.lr * group.get("step_scale", 1.0) * factor
+                                   * schedule(step / total_steps))
                 optimizer.step()
                 step += 1
                 loss_sum += loss.detach() * size
@@ -303,6 +451,12 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
                    "test_loss": None if test is None or not distributed.is_main()
                    else average_loss(objective, model, guide, test, seed=settings.seed + epoch),
                    "seconds": seconds}
+            if settings.tolerance is not None:
+                row["fit_loss"] = average_loss(objective, model, guide, train, seed=settings.seed)
+                row["lr_factor"] = factor
+                row["improvement"] = improvement(  # over the epochs at this learning rate
+                    [past["fit_loss"] for past in [*history, row] if past["lr_factor"] == factor],
+                    settings.patience)
             history.append(row)
             bar.set_postfix({"epoch": epoch, "loss": f"{row['train_loss']:.4g}",
                              "items/s": f"{seen / seconds:.0f}"}, refresh=False)
@@ -320,6 +474,15 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
         bar.close()
         model.requires_grad_(True)
     warn_if_diverged(history)
+    if settings.tolerance is not None and not converged(history, settings):
+        rate = history[-1]["improvement"]
+        still = ("" if rate is None else
+                 f" (the loss still improves by {rate:.2g} nats per point per epoch)")
+        warnings.warn(f"training used its budget of {total_steps} steps without converging to "
+                      f"--tolerance {settings.tolerance:g}{still}; give it more room with "
+                      f"--max-steps {2 * total_steps}"
+                      + (f" (or zoo train --resume {run_dir} --steps {2 * total_steps})"
+                         if run_dir is not None else ""), stacklevel=2)
     return history
 
 

@@ -1,0 +1,131 @@
+"""PPCA trained with its default settings on tables it was never tuned for, against the
+closed-form maximum likelihood.
+
+Each table is drawn from PPCA with non-orthogonal loadings (columns that share a common
+direction), of its own size, scale and conditioning, and written as a CSV file; the digits'
+pixels are the one real table. Each row trains ``zoo train ppca --data FILE --latent-dim M``
+with the given guide and objective and nothing else, and reports what ``zoo evaluate`` reports
+on the training rows: the gap between the closed-form maximum log-likelihood and the learned
+model's exact log-likelihood, the mean posterior KL(q || p) (nats per point), the steps taken,
+whether the run converged, and its wall time (one thread, with the machine's load average).
+
+    python benchmarks/ppca_convergence.py [--tables issue-12 ...] [--guides meanfield full]
+                                          [--losses elbo iwae] [--out benchmarks/results]
+
+writes ``ppca_convergence.json`` and ``ppca_convergence.md`` to the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from zoo.data import synthetic_ppca
+from zoo.evaluate import evaluate
+from zoo.experiment import load_run, make_config, train_run
+from zoo.runs import read_config
+
+TABLES: dict[str, dict[str, Any]] = {
+    # name: rows, latent size, column scales of W, noise sd, shared direction, scale, shift
+    "issue-12": dict(N=3000, M=3, scales=[3, 1.5, 0.8], sigma=0.4, shared=1.0, scale=1.0,
+                     shift=0.0, D=12, seed=1),
+    "small-30": dict(N=2000, M=5, scales=[2, 1.5, 1, 0.5, 0.3], sigma=0.1, shared=2.0,
+                     scale=0.01, shift=0.0, D=30, seed=3),
+    "large-64": dict(N=4000, M=8, scales=[8, 5, 3, 2, 1.5, 1, 0.7, 0.5], sigma=0.3, shared=1.5,
+                     scale=20.0, shift=50.0, D=64, seed=2),
+}
+"""Synthetic tables: W has columns of the given lengths along directions g_j + shared * g_0
+(g standard normal in R^D), so they are far from orthogonal; x = scale (W z + b + sigma eps)."""
+
+LOSSES = {"elbo": {}, "iwae": {"num_particles": 8}, "miwae": {"num_particles": 8,
+                                                               "num_groups": 2},
+          "dreg": {"num_particles": 8}}
+
+
+def write_table(name: str, folder: Path) -> tuple[Path, int]:
+    """Draw the table ``name`` into ``folder/name.csv``; return its path and latent size."""
+    spec = TABLES[name]
+    generator = torch.Generator().manual_seed(spec["seed"])
+    shared = torch.randn(spec["D"], 1, generator=generator)
+    G = torch.randn(spec["D"], spec["M"], generator=generator) + spec["shared"] * shared
+    W = G / G.norm(dim=0) * torch.tensor(spec["scales"], dtype=torch.float32)
+    b = spec["shift"] * torch.randn(spec["D"], generator=generator)
+    x, _ = synthetic_ppca(spec["N"], spec["scale"] * W, spec["scale"] * b,
+                          spec["scale"] * spec["sigma"], seed=spec["seed"])
+    path = folder / f"{name}.csv"
+    np.savetxt(path, x.numpy(), delimiter=",", comments="",
+               header=",".join(f"x{d}" for d in range(spec["D"])))
+    return path, spec["M"]
+
+
+def run_row(table: str, data: dict[str, Any], latent_dim: int, guide: str, loss: str,
+            folder: Path) -> dict[str, Any]:
+    config = make_config("ppca", guide=guide, options={"latent_dim": latent_dim}, data=data,
+                         objective={"name": loss, **LOSSES[loss]})
+    started = time.perf_counter()
+    run_dir = train_run(config, folder / f"{table}-{guide}-{loss}", quiet=True)
+    seconds = time.perf_counter() - started
+    experiment = load_run(run_dir)
+    x = experiment.data.x_train
+    with torch.no_grad():
+        metrics = evaluate(experiment.model, experiment.guide, x, num_samples=10, train_x=x)
+    summary = read_config(run_dir)["convergence"]
+    return {"table": table, "guide": guide, "loss": loss,
+            "gap": metrics["mle_log_likelihood"] - metrics["exact_log_likelihood"],
+            "kl": metrics["posterior_kl"], "steps": summary["steps"],
+            "converged": summary["converged"], "seconds": seconds}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tables", nargs="+", default=[*TABLES, "digits"])
+    parser.add_argument("--guides", nargs="+", default=["meanfield", "full"])
+    parser.add_argument("--losses", nargs="+", default=["elbo"], choices=list(LOSSES))
+    parser.add_argument("--out", default="benchmarks/results", metavar="DIR")
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    load_before = os.getloadavg()
+    rows = []
+    with tempfile.TemporaryDirectory() as temporary:
+        folder = Path(temporary)
+        for table in args.tables:
+            if table == "digits":
+                data, latent_dim = {"name": "digits"}, 5
+            else:
+                path, latent_dim = write_table(table, folder)
+                data = {"file": str(path)}
+            for guide in args.guides:
+                for loss in args.losses:
+                    row = run_row(table, data, latent_dim, guide, loss, folder)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "load_before": load_before, "load_after": os.getloadavg(),
+              "cpus": os.cpu_count(), "tables": TABLES, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ppca_convergence.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"PPCA defaults on untuned tables ({result['date']}; one thread; load average "
+             f"{load_before[0]:.1f} before, {result['load_after'][0]:.1f} after, "
+             f"{result['cpus']} CPUs)", "",
+             "| table | guide | objective | gap (nats/point) | KL | steps | converged | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {row['table']} | {row['guide']} | {row['loss']} | {row['gap']:.4f} | "
+              f"{row['kl']:.4f} | {row['steps']} | {row['converged']} | {row['seconds']:.0f} |"
+              for row in rows]
+    (out / "ppca_convergence.md").write_text("\n".join(lines) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())
