@@ -29,10 +29,12 @@ _OPTION_KEYS = {  # the types of the models' options; the registry refuses optio
     "latent_dim": (int, None), "components": (int,), "restarts": (int,),
                 "covariance": (str,), "likelihood": (str,), "architecture": (str,),
                 "init": (str,), "prior": (str,)}
+_CONVERGENCE_KEYS = {"converged": (bool, None), "steps": (int,), "improvement": (float, None),
+                     "tolerance": (float, None)}
 _TOP_KEYS = {"model": (str,), "guide": (str,), "zoo_version": (str,), "data_fingerprint": (str,)}
-_OPTIONAL = {"data_fingerprint", "data.num_data", "data.drop_constant", "objective.num_groups",
-             "objective.beta",
-             "objective.anneal_epochs", "objective.free_bits", "objective.analytic_kl"}
+_OPTIONAL = {"data_fingerprint", "convergence", "data.num_data", "data.drop_constant",
+             "objective.num_groups", "objective.beta", "objective.anneal_epochs",
+             "objective.free_bits", "objective.analytic_kl"}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
                None: "null", object: "a value"}
 
@@ -99,7 +101,7 @@ def check_config(config: Any, where: str = "the configuration") -> None:
     and of the right JSON type, and that numbers fit in float32.
     """
     sections = {"data": (_DATA_KEYS, False), "objective": (_OBJECTIVE_KEYS, False),
-                "train": (_train_keys(), True)}
+                "train": (_train_keys(), True), "convergence": (_CONVERGENCE_KEYS, False)}
     if not isinstance(config, dict):
         raise ZooError(f"{where} must hold a JSON object {{...}}, got {type(config).__name__}; "
                        f"fix the file or train a new run")
@@ -116,6 +118,8 @@ def check_config(config: Any, where: str = "the configuration") -> None:
     _check_section(config["options"], _OPTION_KEYS, "options.", where, all_optional=True,
                    open_keys=True)
     for name, (keys, all_optional) in sections.items():
+        if name not in config:  # an optional section: the convergence of a run still training
+            continue
         _check_section(config[name], keys, name + ".", where, all_optional=all_optional)
 
 
