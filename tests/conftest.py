@@ -7,6 +7,22 @@ import pytest
 
 import zoo  # noqa: F401
 
+
+def pytest_addoption(parser):
+    parser.addoption("--exhaustive", action="store_true",
+                     help="also run the tests marked exhaustive (hours on two cores)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``exhaustive`` (re-statements of reference suites at their full step
+    counts) run only with ``--exhaustive``; ``make test`` keeps their fast variants."""
+    if config.getoption("--exhaustive"):
+        return
+    skip = pytest.mark.skip(reason="exhaustive: run with pytest --exhaustive")
+    for item in items:
+        if "exhaustive" in item.keywords:
+            item.add_marker(skip)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

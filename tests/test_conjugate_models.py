@@ -19,7 +19,8 @@ the objectives here (Renyi's alpha = 0 is IWAE), and the engine, which divides t
 batch size, has torch's default Adam betas (0.9, 0.999) where Pyro sets (0.97, 0.999) or
 (0.96, 0.999).
 
-The full runs are slow (minutes each on one core), and so noisy at a larger learning rate
+The full runs are slow (minutes each on one core; 70 of them, run with ``pytest --exhaustive``),
+and so noisy at a larger learning rate
 that a short run does not reach Pyro's tolerances on the Gamma and Beta posteriors. The
 default run keeps NormalNormal with every objective in both loops, its mean started further
 away, in 200 steps at twenty times Pyro's learning rate, decaying to a fifth of Pyro's by the
@@ -285,7 +286,7 @@ def _check(case: Case, guide: PyroModule) -> None:
     assert all(error <= tolerance for error, tolerance in errors.values()), errors
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 @pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("name", CASES)
