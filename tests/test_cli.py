@@ -314,7 +314,7 @@ def test_the_training_bar_names_model_and_guide_and_quiet_silences_it(tmp_path, 
     assert capsys.readouterr().err == ""
     assert main(["evaluate", str(run), "--particles", "10", "--json", "--quiet"]) == 0
     captured = capsys.readouterr()
-    assert captured.err == "" and set(json.loads(captured.out)) == {"train", "test"}
+    assert captured.err == "" and set(json.loads(captured.out)) == {"train", "test", "convergence"}
 
 
 def test_training_to_convergence_is_the_default_and_a_short_budget_says_so(tmp_path, capsys):

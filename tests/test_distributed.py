@@ -243,3 +243,22 @@ def test_nproc_trains_and_evaluates_like_one_process(tmp_path):
         assert process.returncode == 0, error
         metrics[processes] = out
     assert metrics["1"] and metrics["1"] == metrics["2"]
+
+
+def test_a_global_latent_variable_is_refused_under_several_processes(monkeypatch):
+    """A site outside the data plate is shared by every point of the batch: its term does not
+    split over the processes' shares, so it is refused with one line naming the site."""
+    import pyro
+    import pyro.distributions as dist
+
+    from zoo.errors import ZooError
+
+    def guide(x):
+        pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros(x.shape[0]), 1.0))
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    shared = distributed.share_guide(guide)
+    with pytest.raises(ZooError, match="latent site 'mu' lies outside the plate 'data'"):
+        shared(torch.zeros(4))

@@ -314,6 +314,18 @@ def test_training_to_convergence_stops_early_and_records_it(tmp_path):
     assert rows[-1]["lr_factor"] == 2.0**-5     # converged at the plateau schedule's end
 
 
+def test_extending_a_converged_run_is_refused_and_threads_may_change_on_resume(tmp_path):
+    """A converged run given a larger budget would train nothing: refused, with config.json
+    as it was; --threads changes for the resumed command alone."""
+    run_dir = train_run(_convergence_config(), tmp_path / "run", quiet=True)
+    before = (run_dir / runs.CONFIG).read_bytes()
+    with pytest.raises(ZooError, match="already converged to --tolerance 0.001"):
+        resume_run(run_dir, steps=5000, quiet=True)
+    assert (run_dir / runs.CONFIG).read_bytes() == before
+    resume_run(run_dir, quiet=True, threads=2)       # this command's, not the run's
+    assert (run_dir / runs.CONFIG).read_bytes() == before
+
+
 def test_a_budget_too_small_to_converge_says_so(tmp_path):
     config = _convergence_config(max_steps=60, tolerance=1e-6)
     with pytest.warns(UserWarning, match=r"without converging.*--max-steps 120"):

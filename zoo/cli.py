@@ -83,10 +83,11 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a fixed budget of optimizer steps (overrides --epochs)")
     train.add_argument("--tolerance", type=float, metavar="T",
                        help="train to convergence: stop once the loss improves by less than T "
-                            "nats per data point per epoch (the default for ppca, expnormal "
-                            "and gmm)")
+                            "nats per data point per epoch (the default for ppca and "
+                            "expnormal, with T = 1e-5)")
     train.add_argument("--patience", type=int, metavar="E",
-                       help="epochs over which that improvement is averaged (default 25)")
+                       help="epochs over which that improvement is averaged (default 25 for "
+                            "ppca and expnormal, 10 otherwise)")
     train.add_argument("--max-steps", type=int, metavar="S",
                        help="the budget of steps when training to convergence")
     train.add_argument("--batch-size", type=int)
@@ -243,13 +244,14 @@ def _train(args: argparse.Namespace) -> int | None:
     if args.resume:
         given = [flag for flag, value in vars(args).items()
                  if value not in (None, False) and flag not in
-                 ("command", "resume", "epochs", "steps", "max_steps", "quiet",
+                 ("command", "resume", "epochs", "steps", "max_steps", "quiet", "threads",
                   "model_options", "nproc", "argv")]
         if given:
             flags = ", ".join("--" + flag.replace("_", "-") if flag != "model" else "MODEL"
                               for flag in given)
             raise ZooError(f"--resume continues a run with its own settings; drop {flags} "
-                           f"(only --epochs, --steps, --max-steps, --quiet and --nproc may change)")
+                           f"(only --epochs, --steps, --max-steps, --threads, --quiet and "
+                           f"--nproc may change)")
     config = read_config(args.resume) if args.resume else _new_config(args)
     if args.nproc is not None:
         return _launch(args, config["train"]["device"], config["train"]["batch_size"],
@@ -257,7 +259,7 @@ def _train(args: argparse.Namespace) -> int | None:
     distributed.check(config["train"]["batch_size"], config["objective"].get("free_bits") or 0.0)
     if args.resume:
         run_dir = resume_run(args.resume, epochs=args.epochs, steps=args.steps or args.max_steps,
-                             quiet=args.quiet)
+                             quiet=args.quiet, threads=args.threads)
     else:
         run_dir = train_run(config, args.out, force=args.force, quiet=args.quiet)
     if distributed.is_main():
@@ -360,7 +362,8 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"zoo: warning: {message}", file=file or sys.stderr)
+    if distributed.is_main():  # under several processes, rank 0 alone prints
+        print(f"zoo: warning: {message}", file=file or sys.stderr)
 
 
 def _close_stdout() -> None:

@@ -17,8 +17,10 @@ every rank holds
 
 the gradient of one process up to the order of the sums, and takes the same optimizer step.
 Every objective of the zoo is a sum over data points without a subsampling scale (the engine
-passes minibatches unscaled and divides by B), so the shares add up to the global loss; free
-bits, whose KL term is a mean over the whole minibatch, do not split and are refused.
+passes minibatches unscaled and divides by B) when every latent site lies in the plate
+``"data"``, so the shares add up to the global loss. Two things do not split and are refused:
+free bits, whose KL term is a mean over the whole minibatch, and global latent variables
+(sites outside the data plate), which the objectives weight jointly with the whole batch.
 
 **The same random draws.** One process draws the latent variables of a batch as one tensor of
 shape [K, B, ...] (K particles at dim -2, the data plate at dim -1). Rank r draws the same
@@ -45,6 +47,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
 
 from zoo.errors import ZooError
 
@@ -208,9 +211,14 @@ class _Unexpanded(Messenger):
     particle plate outside the guide broadcasts it (the batch shape of the data alone)."""
 
     def _pyro_sample(self, msg: dict) -> None:
-        if not msg["is_observed"] and any(frame.name == _DATA_PLATE
-                                          for frame in msg["cond_indep_stack"]):
-            msg["infer"] = {**(msg["infer"] or {}), _UNEXPANDED: msg["fn"]}
+        if msg["is_observed"] or isinstance(msg["fn"], _Subsample):  # a plate's indices
+            return
+        if not any(frame.name == _DATA_PLATE for frame in msg["cond_indep_stack"]):
+            raise ZooError(f"latent site '{msg['name']}' lies outside the plate "
+                           f"'{_DATA_PLATE}': a global latent variable is shared by every data "
+                           f"point, so its term does not split over processes; train this model "
+                           f"in one process")
+        msg["infer"] = {**(msg["infer"] or {}), _UNEXPANDED: msg["fn"]}
 
 
 class _SharedGuide(torch.nn.Module):

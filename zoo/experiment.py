@@ -32,6 +32,7 @@ from zoo.progress import progress_bar
 from zoo.registry import ModelEntry, build, get_model
 from zoo.train import (
     TrainSettings,
+    converged,
     convergence,
     fit,
     resolve_device,
@@ -218,12 +219,15 @@ def train_run(config: dict[str, Any], out: str | os.PathLike | None = None, *,
 
 
 def resume_run(run_dir: str | os.PathLike, *, epochs: int | None = None,
-               steps: int | None = None, quiet: bool = False) -> Path:
+               steps: int | None = None, quiet: bool = False, threads: int | None = None
+               ) -> Path:
     """Continue a run from its checkpoint, optionally to a new total of epochs or steps.
 
     The run folder's lock is held throughout; a new total that is not above the steps already
-    trained, a checkpoint that does not match the configuration and data that changed since
-    training are refused before ``config.json`` is rewritten.
+    trained, a new total for a run that has already converged, a checkpoint that does not
+    match the configuration and data that changed since training are refused before
+    ``config.json`` is rewritten. ``threads`` replaces the run's number of CPU threads for this
+    command only.
     """
     run_dir = Path(run_dir)
     with runs.locked(run_dir) if distributed.is_main() else contextlib.nullcontext():
@@ -231,16 +235,27 @@ def resume_run(run_dir: str | os.PathLike, *, epochs: int | None = None,
         extended = epochs is not None or steps is not None
         if extended:
             epochs = config["train"]["epochs"] if epochs is None else epochs
-            config = {**config, "train": {**config["train"], "epochs": epochs, "steps": steps}}
+            config = {key: value for key, value in config.items() if key != "convergence"}
+            config["train"] = {**config["train"], "epochs": epochs, "steps": steps}
         checkpoint = runs.load_checkpoint(run_dir)
-        experiment = build_experiment(config, quiet=quiet)
+        this_command = config if threads is None else {
+            **config, "train": {**config["train"], "threads": threads}}
+        experiment = build_experiment(this_command, quiet=quiet)
+        experiment.config = config  # what config.json keeps: the run's own threads
         _load_checkpoint(experiment, checkpoint, run_dir)
-        total = experiment.settings.total_steps(experiment.train_inputs[0].shape[0])
+        settings = experiment.settings
+        total = settings.total_steps(experiment.train_inputs[0].shape[0])
+        asked = f"--steps {steps}" if steps is not None else f"--epochs {epochs}"
         if extended and total <= checkpoint["step"]:
-            asked = f"--steps {steps}" if steps is not None else f"--epochs {epochs}"
             raise ZooError(f"run {run_dir} has already trained {checkpoint['step']} steps "
                            f"({checkpoint['epoch']} epochs) and {asked} means {total} steps in "
                            f"all, so nothing would train: ask for more to continue it")
+        if extended and settings.tolerance is not None and converged(checkpoint["history"],
+                                                                      settings):
+            raise ZooError(f"run {run_dir} has already converged to --tolerance "
+                           f"{settings.tolerance:g} after {checkpoint['step']} steps, so "
+                           f"{asked} would train nothing; for a longer run train a new one "
+                           f"with a fixed budget (--steps) or a smaller --tolerance")
         if extended and distributed.is_main():
             runs.write_config(run_dir, config)
         _train(experiment, run_dir, checkpoint=checkpoint)
@@ -385,7 +400,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, num_samples: int = 1000,
         if inputs is not None:
             result[split] = evaluate(model, guide, *(tensor.to(where) for tensor in inputs),
                                      num_samples=num_samples, train_x=train_x,
-                                     seed=experiment.settings.seed, quiet=quiet,
+                                     seed=experiment.settings.seed,
+                                     quiet=quiet or not distributed.is_main(),
                                      desc=f"evaluating the {split} split")
     return result
 
