@@ -452,7 +452,9 @@ def _fit(model, guide, objective, train, test, settings, run_dir, checkpoint, tr
                    else average_loss(objective, model, guide, test, seed=settings.seed + epoch),
                    "seconds": seconds}
             if settings.tolerance is not None:
-                row["fit_loss"] = average_loss(objective, model, guide, train, seed=settings.seed)
+                row["fit_loss"] = distributed.from_main(  # one pass, the same on every rank
+                    average_loss(objective, model, guide, train, seed=settings.seed)
+                    if distributed.is_main() else None)
                 row["lr_factor"] = factor
                 row["improvement"] = improvement(  # over the epochs at this learning rate
                     [past["fit_loss"] for past in [*history, row] if past["lr_factor"] == factor],
