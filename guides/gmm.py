@@ -169,6 +169,20 @@ class AmortizedGuide(PyroModule):
                                "baseline": {"nn_baseline": self.baseline,
                                             "nn_baseline_input": phi_per_draw}})
 
+    @torch.no_grad()
+    def initialize_from_model(self, model: GMM) -> None:
+        """Start q(z | x) at the model's exact responsibilities as the model starts (EM's first
+        E-step; :meth:`best_for`), the baseline at zero.
+
+        Started uniform instead, q would give every row to every component alike, and the
+        model's first steps would pull the components towards each other, away from their
+        k-means++ start and, on standardized iris, into a worse local maximum: 0.24 nats per
+        point below EM, where enumeration reaches EM."""
+        exact = self.best_for(model)
+        self.shift.copy_(exact.shift)
+        self.scale_in.copy_(exact.scale_in)
+        self.encoder.load_state_dict(exact.encoder.state_dict())
+
     @classmethod
     def best_for(cls, model: GMM) -> AmortizedGuide:
         """The exact posterior p(z | x) of the model at its current parameters, as a guide.
