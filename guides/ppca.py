@@ -12,10 +12,13 @@ belong to the guide (the encoder); the model's are the decoder's.
 - :class:`MeanFieldGuide` (``meanfield``): Sigma = diag(s^2).
 - :class:`FullGuide` (``full``): Sigma = L L^T, L lower triangular; contains the exact posterior.
 
-The encoder sees the data standardized column by column, ``(x - shift) / scale`` with the
-column means and standard deviations of the training data (``initialize_from_data``), so that
-Adam's step size suits every column whatever its units. The family is unchanged: A and c absorb
-the fixed shift and scale, and the guide is still affine in the raw x.
+The encoder sees the data whitened, ``L_x^-1 (x - shift)`` with the column means ``shift`` and
+the lower Cholesky factor ``L_x`` of the training data's covariance (``initialize_from_data``):
+decorrelated inputs of unit variance, on which the encoder's loss is about as curved in every
+direction, so Adam's steps suit them all (raw or merely standardized columns of a table with a
+few strong directions make the encoder's problem ill-conditioned, and training crawls). The
+family is unchanged: A and c absorb the fixed shift and L_x, and the guide is still affine in the
+raw x.
 
 ``best_for(model)`` builds the member of each family closest to the model's posterior, for every
 x at once, so tests can check that bounds are tight (full) or have the known gap (mean field).
@@ -32,6 +35,9 @@ from torch.distributions import constraints
 
 from zoo.models.ppca import PPCA, check_dims, posterior_parameters
 
+WHITENING_JITTER = 1e-4
+"""Added to the data's correlation matrix before its Cholesky factor is taken for whitening."""
+
 
 class _AffineGaussianGuide(PyroModule):
     """What both guides share: the affine encoder x -> A x + c on standardized inputs, the site
@@ -45,18 +51,26 @@ class _AffineGaussianGuide(PyroModule):
         self.latent_dim = latent_dim
         self.encoder = PyroModule[nn.Linear](data_dim, latent_dim)
         self.register_buffer("shift", torch.zeros(data_dim))
-        self.register_buffer("scale_in", torch.ones(data_dim))
+        self.register_buffer("input_tril", torch.eye(data_dim))
 
     def initialize_from_data(self, x: Tensor) -> None:
-        """Standardize the encoder's input with the column means and standard deviations of
-        ``x: [N, D]`` (constant columns keep scale 1)."""
-        std = x.std(0)
+        """Whiten the encoder's input with the column means of ``x: [N, D]`` and the Cholesky
+        factor L_x of its covariance S: L_x = diag(sd) chol(R + 1e-4 I), with R the correlation
+        matrix (constant columns count as sd 1), so that collinear or constant columns still
+        give an invertible factor."""
+        r = x - x.mean(0)
+        std = r.std(0)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+        correlation = (r / std).T @ (r / std) / max(x.shape[0] - 1, 1)
+        jitter = WHITENING_JITTER * torch.eye(self.data_dim, dtype=x.dtype, device=x.device)
         self.shift.copy_(x.mean(0))
-        self.scale_in.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+        self.input_tril.copy_(std[:, None] * torch.linalg.cholesky(correlation + jitter))
 
     def loc(self, x: Tensor) -> Tensor:
         """The mean A x + c of q(z | x), ``[N, M]``."""
-        return self.encoder((x - self.shift) / self.scale_in)
+        whitened = torch.linalg.solve_triangular(self.input_tril.T, x - self.shift, upper=True,
+                                                 left=False)         # (x - shift) L_x^-T
+        return self.encoder(whitened)
 
     def forward(self, x: Tensor) -> None:
         with pyro.plate("data", x.shape[0]):
@@ -64,9 +78,9 @@ class _AffineGaussianGuide(PyroModule):
 
     @torch.no_grad()
     def _set_affine(self, A: Tensor, c: Tensor) -> None:
-        """Make the mean A x + c in raw units: on standardized input that is
-        (A diag(scale)) (x - shift) / scale + (c + A shift)."""
-        self.encoder.weight.copy_(A * self.scale_in)
+        """Make the mean A x + c in raw units: on whitened input that is
+        (A L_x) L_x^-1 (x - shift) + (c + A shift)."""
+        self.encoder.weight.copy_(A @ self.input_tril)
         self.encoder.bias.copy_(c + A @ self.shift)
 
     @classmethod

@@ -298,8 +298,8 @@ def _convergence_config(**train):
     from zoo.experiment import make_config
 
     return make_config("ppca", guide="full", data={"name": "synthetic-ppca"},
-                       train={"max_steps": 3000, "batch_size": 200, "tolerance": 1e-3,
-                              "patience": 3, **train})
+                       train={"max_steps": 3000, "batch_size": 200, "passes": 1,
+                              "tolerance": 1e-3, "patience": 3, **train})
 
 
 def test_training_to_convergence_stops_early_and_records_it(tmp_path):

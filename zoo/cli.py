@@ -83,17 +83,23 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a fixed budget of optimizer steps (overrides --epochs)")
     train.add_argument("--tolerance", type=float, metavar="T",
                        help="train to convergence: stop once the loss improves by less than T "
-                            "nats per data point per epoch (the default for ppca and "
-                            "expnormal, with T = 1e-5)")
+                            "nats per data point per epoch (the default for ppca, with "
+                            "T = 1e-4, and for expnormal, with T = 1e-5)")
     train.add_argument("--patience", type=int, metavar="E",
-                       help="epochs over which that improvement is averaged (default 25 for "
-                            "ppca and expnormal, 10 otherwise)")
+                       help="epochs over which that improvement is averaged (default 3 for "
+                            "ppca, 25 for expnormal, 10 otherwise)")
+    train.add_argument("--passes", type=int, metavar="P",
+                       help="passes over the data in one epoch, the unit of --epochs, of "
+                            "metrics.csv's rows, checkpoints and convergence checks (default "
+                            "50 for ppca, whose full-batch passes are single steps; else 1)")
     train.add_argument("--max-steps", type=int, metavar="S",
                        help="the budget of steps when training to convergence")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float, help="learning rate")
     train.add_argument("--optimizer", help="adam (default), adamw or sgd")
-    train.add_argument("--lr-schedule", help="constant or cosine (decay to 0 over the run)")
+    train.add_argument("--lr-schedule",
+                       help="constant, cosine (decay to 0 over the run) or plateau (halve at "
+                            "each plateau of the loss; needs --tolerance)")
     train.add_argument("--clip-norm", type=float, help="clip the global gradient norm")
     train.add_argument("--seed", type=int, help="seed for everything (default 0)")
     train.add_argument("--device", help="cpu (default), cuda or auto")
@@ -220,7 +226,7 @@ def _new_config(args: argparse.Namespace) -> dict:
                "clip_norm": args.clip_norm, "seed": args.seed, "device": args.device,
                "freeze_model": args.freeze_model, "jit": args.jit,
                "tolerance": args.tolerance, "patience": args.patience,
-               "max_steps": args.max_steps, "threads": args.threads})
+               "max_steps": args.max_steps, "passes": args.passes, "threads": args.threads})
 
 
 def _launch(args: argparse.Namespace, device: str, batch_size: int | None = None,

@@ -48,7 +48,8 @@ def make_config(model: str, *, guide: str | None = None, options: dict[str, Any]
     """A complete configuration: the given values over the registry's defaults for ``model``.
 
     Values that are None count as not given; giving ``epochs`` without ``steps`` trains for
-    that many epochs even where the model's default is a number of steps. Giving ``epochs`` or
+    that many epochs (of one pass each) even where the model's default is a number of steps.
+    Giving ``epochs`` or
     ``steps`` (without ``tolerance``) asks for that fixed budget, so it also turns off a default
     of training to convergence, and a default ``plateau`` schedule becomes ``cosine``;
     ``max_steps`` is the budget of training to convergence. A data file and a
@@ -65,8 +66,9 @@ def make_config(model: str, *, guide: str | None = None, options: dict[str, Any]
     if data["file"] is None and data["name"] is None:
         data["name"] = entry.default_data
     train, defaults = given(train), dict(entry.train)
-    if "epochs" in train:  # asking for epochs overrides a default number of steps
-        defaults.pop("steps", None)
+    if "epochs" in train:  # asking for epochs overrides a default number of steps, and counts
+        defaults.pop("steps", None)  # passes over the data
+        defaults.pop("passes", None)
     if ("epochs" in train or "steps" in train) and "tolerance" not in train:
         defaults.pop("tolerance", None)
         if defaults.get("lr_schedule") == "plateau":

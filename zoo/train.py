@@ -133,6 +133,11 @@ class TrainSettings:
     values and gradients, without Pyro's Python work, for elbo, iwae, miwae and ciwae without KL
     annealing.
 
+    ``passes`` is the number of passes over the training data in one epoch, the unit of the
+    ``epochs`` budget, of the rows of metrics.csv, of checkpoints and of the convergence checks
+    below; more than one suits full-batch training of small data, whose passes are single steps
+    too short to check and save after each.
+
     ``tolerance``, when given, trains to convergence: training stops before the budget of
     ``steps`` (or ``epochs``) once the loss on the whole training set, smoothed over
     ``patience`` epochs, improves by less than ``tolerance`` nats per data point per epoch
@@ -154,6 +159,7 @@ class TrainSettings:
     jit: bool = False
     tolerance: float | None = None
     patience: int = 10
+    passes: int = 1
     threads: int | None = None
     quiet: bool = False
 
@@ -178,6 +184,7 @@ class TrainSettings:
              "--lr-schedule plateau needs --tolerance: it halves the learning rate where the "
              "loss improves by less than that"),
             (self.patience >= 1, f"--patience must be at least 1; got {self.patience}"),
+            (self.passes >= 1, f"passes must be at least 1; got {self.passes}"),
             (self.threads is None or self.threads >= 1,
              f"--threads must be at least 1; got {self.threads}"),
             (self.device in ("cpu", "cuda", "auto"),
@@ -190,10 +197,15 @@ class TrainSettings:
     def to_dict(self) -> dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if key != "quiet"}
 
+    def steps_per_epoch(self, num_train: int) -> int:
+        """The optimizer steps of one epoch on ``num_train`` data points:
+        ``passes`` ceil(N / min(batch_size, N))."""
+        return self.passes * math.ceil(num_train / min(self.batch_size, num_train))
+
     def total_steps(self, num_train: int) -> int:
         """The optimizer steps of the whole run on ``num_train`` data points: ``steps``, else
-        ``epochs`` times the steps of one epoch, ceil(N / min(batch_size, N))."""
-        return self.steps or self.epochs * math.ceil(num_train / min(self.batch_size, num_train))
+        ``epochs`` times the steps of one epoch."""
+        return self.steps or self.epochs * self.steps_per_epoch(num_train)
 
 
 def seed_everything(seed: int) -> None:
@@ -341,6 +353,18 @@ def average_loss(objective, model, guide, data: Sequence[torch.Tensor], *, seed:
     return float(total) / data[0].shape[0]
 
 
+def _batches(data: Sequence[torch.Tensor], batch_size: int, passes: int
+             ) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
+    """``passes`` passes over ``data`` in batches of ``batch_size`` rows, each pass in a new
+    random order drawn from torch's generator: pairs (first row of the batch in its pass,
+    batch)."""
+    num_rows = data[0].shape[0]
+    for _ in range(passes):
+        order = torch.randperm(num_rows, device=data[0].device)
+        for begin in range(0, num_rows, batch_size):
+            yield begin, tuple(tensor[order[begin:begin + batch_size]] for tensor in data)
+
+
 def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequence[torch.Tensor],
         *, test: Sequence[torch.Tensor] | None = None, settings: TrainSettings | None = None,
         run_dir: Path | None = None, checkpoint: dict[str, Any] | None = None,
@@ -386,7 +410,7 @@ def _fit(model, guide, objective, train, test, settings, run_dir, checkpoint, tr
 
     num_train = train[0].shape[0]
     batch_size = min(settings.batch_size, num_train)
-    steps_per_epoch = math.ceil(num_train / batch_size)
+    steps_per_epoch = settings.steps_per_epoch(num_train)
     if settings.jit:
         distributed.check_recordings(num_train, batch_size)
     total_steps = settings.total_steps(num_train)
@@ -416,11 +440,9 @@ def _fit(model, guide, objective, train, test, settings, run_dir, checkpoint, tr
             started = time.perf_counter()
             loss_sum, seen = torch.zeros((), device=device), 0
             epoch_data = train if transform is None else transform(train)
-            order = torch.randperm(num_train, device=device)
-            for begin in range(0, num_train, batch_size):
+            for begin, batch in _batches(epoch_data, batch_size, settings.passes):
                 if step == total_steps:
                     break
-                batch = tuple(tensor[order[begin:begin + batch_size]] for tensor in epoch_data)
                 if set_progress is not None:
                     set_progress(step / steps_per_epoch)
                 size = batch[0].shape[0]
