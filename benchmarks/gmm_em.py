@@ -7,8 +7,8 @@ trains ``zoo train gmm`` three ways with everything else at its defaults:
 
 - ``enumerate``: the assignments summed out (``--guide enumerate``, the default), with
   ``--covariance full`` and ``diag``;
-- ``amortized``: q(z | x) by the score function (``--guide amortized``, its default loss);
-- ``amortized, --loss enum``: the same guide with the exact ELBO.
+- ``amortized``: q(z | x) with its exact ELBO (``--guide amortized``, its default loss);
+- ``amortized --loss tracegraph``: the same guide by the score function.
 
 It reports, per training point, each fit's exact log-likelihood minus EM's (negative: EM is
 higher) and minus the enumerate fit's, the amortized guides' mean KL to the exact
@@ -45,7 +45,7 @@ FITS = {  # name -> (guide, covariance, objective or None for the guide's defaul
     "enumerate, full": ("enumerate", "full", None),
     "enumerate, diag": ("enumerate", "diag", None),
     "amortized, full": ("amortized", "full", None),
-    "amortized --loss enum, full": ("amortized", "full", "enum"),
+    "amortized --loss tracegraph, full": ("amortized", "full", "tracegraph"),
 }
 
 

@@ -184,7 +184,7 @@ MODELS: dict[str, ModelEntry] = {
             train={"steps": 1000, "batch_size": 256, "lr": 0.1, "lr_schedule": "cosine",
                    "threads": 1},
             demo={"steps": 500},
-            objectives={"enumerate": {"name": "enum"}, "amortized": {"name": "tracegraph"}},
+            objectives={"enumerate": {"name": "enum"}, "amortized": {"name": "enum"}},
             start_guide={"amortized": lambda model, guide: guide.initialize_from_model(model)},
             plots={"components": mixture_plots.plot_run_components},
             figures=("components",),
