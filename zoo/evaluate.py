@@ -44,6 +44,17 @@ class ImportanceEstimate:
     ess: torch.Tensor
 
 
+def ess_of_sums(log_sum_w: torch.Tensor, log_sum_w2: torch.Tensor) -> torch.Tensor:
+    """The importance-sampling effective sample size (sum_s w_s)^2 / sum_s w_s^2 from
+    log sum_s w_s and log sum_s w_s^2 (any shape, elementwise), out of S draws."""
+    return torch.exp(2 * log_sum_w - log_sum_w2)
+
+
+def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:
+    """The effective sample size of log weights ``[S, N]`` per data point, ``[N]``."""
+    return ess_of_sums(torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0))
+
+
 @contextlib.contextmanager
 def _chunk_stream(seed: int | None, start: int, device: torch.device) -> Iterator[None]:
     """The random stream of the chunk of data points from row ``start``: its own, seeded by
@@ -106,7 +117,7 @@ def log_likelihood(model, guide, *data: torch.Tensor, num_samples: int = 1000,
                 bar.update(log_w.numel())
         columns[:, start:start + rows] = torch.stack([
             log_sum_w - math.log(num_samples), sum_log_w / num_samples,
-            torch.exp(2 * log_sum_w - log_sum_w2)])
+            ess_of_sums(log_sum_w, log_sum_w2)])
     bar.close()
     if seed is not None:
         distributed.sum_over_ranks(columns)
