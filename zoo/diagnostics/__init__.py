@@ -67,7 +67,6 @@ from zoo.diagnostics.figures import (
     plot_ranks,
 )
 from zoo.diagnostics.gaps import Gaps, LocalGuide, amortization_gaps
-from zoo.diagnostics.gradient_snr import GradientSNR, gradient_snr
 from zoo.diagnostics.importance import (
     ImportanceDiagnostics,
     importance_diagnostics,
@@ -86,10 +85,10 @@ from zoo.diagnostics.settings import LATENT, DiagnosticSettings
 
 __all__ = [
     "DIAGNOSTIC_PLOTS", "FIGURES", "LATENT", "NETCDF", "STAGES", "SUMMARY", "Calibration",
-    "DiagnosticSettings", "Diagnostics", "Gaps", "GradientSNR", "GuideDraws",
+    "DiagnosticSettings", "Diagnostics", "Gaps", "GuideDraws",
     "ImportanceDiagnostics", "LocalGuide", "Reference", "amortization_gaps",
     "chi_square_uniformity", "diagnose", "diagnose_run", "draw_figures", "gaussian_wasserstein",
-    "gradient_snr", "guide_draws", "importance_diagnostics", "moments", "nuts_posterior",
+    "guide_draws", "importance_diagnostics", "moments", "nuts_posterior",
     "omitted_figures", "pareto_smooth", "plot_forest", "plot_gaps", "plot_khat",
     "plot_marginals", "plot_pairs", "plot_ranks", "posterior_kl", "reference_posterior",
     "sample_moments", "simulation_based_calibration", "summarize", "to_inference_data",

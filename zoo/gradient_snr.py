@@ -1,4 +1,7 @@
-"""The signal-to-noise ratio of an objective's gradient (Rainforth et al. 2018)."""
+"""The signal-to-noise ratio of an objective's gradient (Rainforth et al. 2018): how well one
+stochastic estimate of the gradient of an objective in :mod:`zoo.objectives` points where the
+expected gradient points, separately for the encoder's (guide's) and the decoder's (model's)
+parameters. ``examples/gradient_snr.py`` compares the objectives with it."""
 
 from __future__ import annotations
 
