@@ -8,6 +8,8 @@ Importance sampling with the guide as proposal estimates the marginal likelihood
 a stochastic lower bound (the IWAE bound L_K) that tightens as K grows. The ELBO of the same
 draws is the mean of log w_kn over k, and the effective sample size of the normalized weights,
 ESS_n = (sum_k w_kn)^2 / sum_k w_kn^2, tells how well q covers the posterior (K is perfect).
+:func:`average_loss` is an objective's loss per data point over a data set, as training
+reports it for the test set and for its convergence check.
 
 A model exposes its ground truth by duck typing (the methods are optional):
 ``model.marginal_log_prob(x) -> [N]`` (exact log p(x)), ``model.posterior(x)`` (exact p(z | x) as
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,6 +125,23 @@ def log_likelihood(model, guide, *data: torch.Tensor, num_samples: int = 1000,
         distributed.sum_over_ranks(columns)
     log_px, elbo, ess = columns
     return ImportanceEstimate(log_likelihood=log_px, elbo=elbo, ess=ess)
+
+
+@torch.no_grad()
+def average_loss(objective, model, guide, data: Sequence[torch.Tensor], *, seed: int,
+                 chunk_size: int = 4096) -> float:
+    """The objective's loss per data point over ``data``, under a private random stream seeded
+    with ``seed``, so evaluating never changes what training draws next."""
+    devices = [data[0].device] if data[0].device.type == "cuda" else []
+    was_training = model.training, guide.training
+    model.eval(), guide.eval()
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        total = sum(objective.differentiable_loss(
+                        model, guide, *(tensor[start:start + chunk_size] for tensor in data))
+                    for start in range(0, data[0].shape[0], chunk_size))
+    model.train(was_training[0]), guide.train(was_training[1])
+    return float(total) / data[0].shape[0]
 
 
 ACTIVE_UNIT_THRESHOLD = 0.01
