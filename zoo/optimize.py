@@ -1,9 +1,11 @@
-"""Optimizers and learning-rate schedules of :func:`zoo.train.fit`."""
+"""Optimizers and learning-rate schedules, and :func:`minimize`, the one optimization loop of
+the zoo outside training (:func:`zoo.train.fit`, whose step uses the same optimizers): the
+per-point guides of the gap decomposition and the refinement of mixture initializations."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -72,3 +74,21 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, *factors: flo
             rate = rate * factor
         group["lr"] = rate
 
+
+def minimize(loss: Callable[[], torch.Tensor], parameters: Iterable[torch.Tensor], *,
+             steps: int, lr: float, schedule: str = "constant",
+             on_step: Callable[[], object] | None = None) -> None:
+    """Adam on ``parameters`` for ``steps`` full-batch steps of ``loss()`` (a scalar), with the
+    learning rate lr_t = ``lr`` * f(t / ``steps``) at step t, f the schedule
+    (:data:`LR_SCHEDULES`); ``on_step`` is called after each step (a progress bar's update).
+    Gradients are recorded whatever the caller's mode; the parameters are changed in place."""
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    factor = LR_SCHEDULES[schedule]
+    with torch.enable_grad():
+        for step in range(steps):
+            set_learning_rate(optimizer, lr, factor(step / steps))
+            optimizer.zero_grad(set_to_none=True)
+            loss().backward()
+            optimizer.step()
+            if on_step is not None:
+                on_step()

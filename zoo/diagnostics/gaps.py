@@ -4,8 +4,7 @@ the amortization gap ELBO(q*) - ELBO(q), what sharing one encoder costs."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyro
@@ -19,6 +18,7 @@ from zoo.diagnostics.reference import frozen
 from zoo.diagnostics.settings import LATENT, DiagnosticSettings
 from zoo.evaluate import log_likelihood
 from zoo.objectives import DATA_PLATE, draw
+from zoo.optimize import minimize
 from zoo.progress import progress_bar
 
 
@@ -87,21 +87,15 @@ class Gaps:
         return self.optimal_elbo - self.elbo
 
 
-def _fit_local(model, local: LocalGuide, inputs: Sequence[Tensor], loss: Callable[[], Tensor],
+def _fit_local(model, local: LocalGuide, loss: Callable[[], Tensor],
                settings: DiagnosticSettings) -> None:
-    """Adam on the local parameters, learning rate decayed to 0 on a cosine."""
-    optimizer = torch.optim.Adam(local.parameters(), lr=settings.local_lr)
+    """Adam on the local parameters, learning rate decayed to 0 on a cosine, with the model's
+    parameters held fixed."""
     bar = progress_bar(settings.local_steps, "gaps: per-point guides", quiet=settings.quiet,
                        unit="step")
     with frozen(model), bar:
-        for step in range(settings.local_steps):
-            for group in optimizer.param_groups:
-                group["lr"] = settings.local_lr * 0.5 * (1 + math.cos(math.pi * step
-                                                                       / settings.local_steps))
-            optimizer.zero_grad(set_to_none=True)
-            loss().backward()
-            optimizer.step()
-            bar.update()
+        minimize(loss, local.parameters(), steps=settings.local_steps, lr=settings.local_lr,
+                 schedule="cosine", on_step=bar.update)
 
 
 def amortization_gaps(model, guide, *inputs: Tensor, closed_form: bool = True,
@@ -131,14 +125,14 @@ def amortization_gaps(model, guide, *inputs: Tensor, closed_form: bool = True,
     exact = (posterior is not None and hasattr(model, "marginal_log_prob")
              and has_closed_form_kl(q, posterior))
     if exact:
-        _fit_local(model, local, inputs,
+        _fit_local(model, local,
                    lambda: posterior_kl(local.distribution(), posterior).sum(), settings)
         with torch.no_grad():                  # in float64, so that tiny gaps survive log p(x)
             log_px = model.marginal_log_prob(*inputs).double()
             elbo = log_px - posterior_kl(q, posterior).double()
             optimal = log_px - posterior_kl(local.distribution(), posterior).double()
     else:
-        _fit_local(model, local, inputs, lambda: -draw(
+        _fit_local(model, local, lambda: -draw(
             model, local, *inputs, num_particles=settings.local_particles).log_weights().sum(),
             settings)
         amortized, fitted = (
