@@ -10,7 +10,7 @@ with the KL in closed form, the default batch size (20) and Adam with learning r
   batch shape by ``torch.jit.trace`` and replayed without Pyro's Python work
   (:func:`zoo.objectives.traced_loss`); it trains bitwise the same parameters as ``zoo``.
 - ``plain``: the floor, a VAE written here in plain PyTorch with the same network, loss, batch
-  size, binarization and optimizer (the engine's, :func:`zoo.train.make_optimizer`: Adam with
+  size, binarization and optimizer (the engine's, :func:`zoo.optimize.make_optimizer`: Adam with
   torch's fused kernel), and no checks.
 
 The three alternate epoch by epoch (zoo, plain, zoo-jit, then the reverse order),
@@ -59,12 +59,14 @@ from torch.nn.functional import binary_cross_entropy_with_logits, softplus
 
 from zoo import runs
 from zoo.data import Data, binarize, load_data
+from zoo.evaluate import average_loss
 from zoo.guides.vae import SIGMA_MIN
 from zoo.guides.vae import MeanFieldGuide as VAEGuide
 from zoo.models.vae import VAE
 from zoo.objectives import ELBO
+from zoo.optimize import make_optimizer
 from zoo.registry import build, get_model
-from zoo.train import TrainSettings, average_loss, fit, make_optimizer
+from zoo.train import TrainSettings, fit
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

@@ -39,8 +39,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from zoo.diagnostics import gradient_snr
 from zoo.experiment import build_experiment, make_config
+from zoo.gradient_snr import gradient_snr
 from zoo.objectives import make_objective
 from zoo.plots import save_figure
 from zoo.train import fit, seed_everything

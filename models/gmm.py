@@ -81,6 +81,7 @@ from torch.distributions import biject_to, constraints, transform_to
 from torch.distributions.transforms import Transform
 
 from zoo.errors import ZooError
+from zoo.optimize import minimize
 
 COVARIANCES = ("full", "diag")
 PRIORS = ("none", "weak")
@@ -310,18 +311,14 @@ def refine(u: Tensor, weights: Tensor, locs: Tensor, scales: Tensor, covariance:
     logits = weights.log().clone().requires_grad_()
     locs = locs.clone().requires_grad_()
     raw_scales = transform.inv(scales).clone().requires_grad_()
-    optimizer = torch.optim.Adam([logits, locs, raw_scales], lr=lr)
 
     def mean_log_likelihood() -> Tensor:
         log_pi = torch.log_softmax(logits, -1)                                 # [R, K]
         a = log_pi.unsqueeze(-2) + standardized_log_prob(u, locs, transform(raw_scales))
         return torch.logsumexp(a, -1).mean(-1)                                 # [R]
 
-    with torch.enable_grad():
-        for _ in range(steps):
-            optimizer.zero_grad()
-            (-mean_log_likelihood().sum()).backward()
-            optimizer.step()
+    minimize(lambda: -mean_log_likelihood().sum(), [logits, locs, raw_scales], steps=steps,
+             lr=lr)
     with torch.no_grad():
         final = mean_log_likelihood()
         return (torch.softmax(logits, -1).detach(), locs.detach(),

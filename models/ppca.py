@@ -187,7 +187,7 @@ class PPCA(PyroModule):
 
     ``W`` and ``b`` are in the units of the data: ``initialize`` records the data's scale s (the
     root mean column variance) and ``step_scales`` asks the training engine to step them in
-    units of s (:class:`zoo.train.StepScaled`), so one learning rate fits tables of any scale.
+    units of s (:class:`zoo.optimize.StepScaled`), so one learning rate fits tables of any scale.
     ``log sigma`` needs no scale.
     """
 

@@ -5,9 +5,9 @@ import pyro
 import pytest
 import torch
 
-from zoo.diagnostics import gradient_snr
 from zoo.errors import ZooError
 from zoo.experiment import build_experiment, make_config
+from zoo.gradient_snr import gradient_snr
 from zoo.objectives import make_objective
 from zoo.train import fit
 

@@ -18,8 +18,9 @@ import torch
 
 from zoo import runs
 from zoo.cli import main
+from zoo.convergence import warn_if_diverged
 from zoo.experiment import build_experiment
-from zoo.train import fit, warn_if_diverged
+from zoo.train import fit
 
 TINY = ["--steps", "30", "--batch-size", "200", "--quiet"]
 

@@ -6,7 +6,7 @@ import torch
 from zoo import runs
 from zoo.errors import ZooError
 from zoo.experiment import build_experiment, load_run, resume_run, train_run
-from zoo.train import TrainingDiverged, TrainSettings, fit
+from zoo.train import TrainingDiverged, TrainSettings, eager_step, fit
 
 
 def _parameters(experiment):
@@ -34,6 +34,31 @@ def test_same_seed_gives_bitwise_same_parameters(small_ppca_config):
         settings=experiment.settings)
     assert not torch.equal(_parameters(experiment)["model.W"], results[0]["model.W"])
 
+
+
+def test_a_step_passed_to_fit_takes_every_step(small_ppca_config):
+    """``make_step`` is the one seam for another step (a compiled one, say): fit calls the step
+    it builds once per optimizer step, and the eager step it wraps here trains bitwise as the
+    default does."""
+    results, calls = [], []
+
+    def counted_step(*args):
+        step = eager_step(*args)
+
+        def counted(batch):
+            calls.append(batch[0].shape[0])
+            return step(batch)
+        return counted
+
+    for make_step in (eager_step, counted_step):
+        experiment = build_experiment(small_ppca_config, quiet=True)
+        history = fit(experiment.model, experiment.guide, experiment.objective,
+                      experiment.train_inputs, settings=experiment.settings,
+                      make_step=make_step)
+        results.append(_parameters(experiment))
+    assert len(calls) == history[-1]["step"] > 0
+    assert sum(calls) == len(history) * experiment.train_inputs[0].shape[0]
+    _assert_bitwise_equal(*results)
 
 def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(small_ppca_config, tmp_path):
     whole = train_run(small_ppca_config, tmp_path / "whole", quiet=True)

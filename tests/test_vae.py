@@ -15,7 +15,7 @@ from zoo import runs
 from zoo.cli import main
 from zoo.data import Data, load_data
 from zoo.errors import ZooError
-from zoo.evaluate import log_likelihood
+from zoo.evaluate import average_loss, log_likelihood
 from zoo.experiment import build_experiment, make_config, train_run
 from zoo.guides.cvae import MeanFieldGuide as CVAEGuide
 from zoo.guides.vae import MeanFieldGuide
@@ -23,7 +23,7 @@ from zoo.models.cvae import CVAE
 from zoo.models.vae import VAE
 from zoo.objectives import ELBO, draw, log_weights
 from zoo.registry import build, get_model
-from zoo.train import average_loss, fit
+from zoo.train import fit
 
 LIKELIHOODS = ("bernoulli", "continuous-bernoulli", "gaussian")
 ARCHITECTURES = ("mlp", "conv")

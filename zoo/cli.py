@@ -274,9 +274,9 @@ def _train(args: argparse.Namespace) -> int | None:
 
 
 def _evaluate(args: argparse.Namespace) -> int | None:
+    from zoo.convergence import describe_convergence
     from zoo.experiment import evaluate_run
     from zoo.runs import read_config
-    from zoo.train import describe_convergence
 
     if args.nproc is not None:
         return _launch(args, args.device)

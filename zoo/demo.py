@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from zoo import diagnostics, runs
+from zoo.convergence import describe_convergence
 from zoo.errors import ZooError
 from zoo.experiment import evaluate_run, make_config, train_run
 from zoo.progress import progress_bar
 from zoo.registry import MODELS, ModelEntry
 from zoo.report import Section, write_report
-from zoo.train import describe_convergence
 from zoo.validation import check_output
 
 

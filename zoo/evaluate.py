@@ -8,6 +8,8 @@ Importance sampling with the guide as proposal estimates the marginal likelihood
 a stochastic lower bound (the IWAE bound L_K) that tightens as K grows. The ELBO of the same
 draws is the mean of log w_kn over k, and the effective sample size of the normalized weights,
 ESS_n = (sum_k w_kn)^2 / sum_k w_kn^2, tells how well q covers the posterior (K is perfect).
+:func:`average_loss` is an objective's loss per data point over a data set, as training
+reports it for the test set and for its convergence check.
 
 A model exposes its ground truth by duck typing (the methods are optional):
 ``model.marginal_log_prob(x) -> [N]`` (exact log p(x)), ``model.posterior(x)`` (exact p(z | x) as
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +44,17 @@ class ImportanceEstimate:
     log_likelihood: torch.Tensor
     elbo: torch.Tensor
     ess: torch.Tensor
+
+
+def ess_of_sums(log_sum_w: torch.Tensor, log_sum_w2: torch.Tensor) -> torch.Tensor:
+    """The importance-sampling effective sample size (sum_s w_s)^2 / sum_s w_s^2 from
+    log sum_s w_s and log sum_s w_s^2 (any shape, elementwise), out of S draws."""
+    return torch.exp(2 * log_sum_w - log_sum_w2)
+
+
+def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:
+    """The effective sample size of log weights ``[S, N]`` per data point, ``[N]``."""
+    return ess_of_sums(torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0))
 
 
 @contextlib.contextmanager
@@ -106,12 +119,29 @@ def log_likelihood(model, guide, *data: torch.Tensor, num_samples: int = 1000,
                 bar.update(log_w.numel())
         columns[:, start:start + rows] = torch.stack([
             log_sum_w - math.log(num_samples), sum_log_w / num_samples,
-            torch.exp(2 * log_sum_w - log_sum_w2)])
+            ess_of_sums(log_sum_w, log_sum_w2)])
     bar.close()
     if seed is not None:
         distributed.sum_over_ranks(columns)
     log_px, elbo, ess = columns
     return ImportanceEstimate(log_likelihood=log_px, elbo=elbo, ess=ess)
+
+
+@torch.no_grad()
+def average_loss(objective, model, guide, data: Sequence[torch.Tensor], *, seed: int,
+                 chunk_size: int = 4096) -> float:
+    """The objective's loss per data point over ``data``, under a private random stream seeded
+    with ``seed``, so evaluating never changes what training draws next."""
+    devices = [data[0].device] if data[0].device.type == "cuda" else []
+    was_training = model.training, guide.training
+    model.eval(), guide.eval()
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        total = sum(objective.differentiable_loss(
+                        model, guide, *(tensor[start:start + chunk_size] for tensor in data))
+                    for start in range(0, data[0].shape[0], chunk_size))
+    model.train(was_training[0]), guide.train(was_training[1])
+    return float(total) / data[0].shape[0]
 
 
 ACTIVE_UNIT_THRESHOLD = 0.01

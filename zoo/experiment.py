@@ -24,6 +24,7 @@ import torch
 
 import zoo
 from zoo import distributed, plots, runs
+from zoo.convergence import converged, convergence
 from zoo.data import Data, binarize, load_data
 from zoo.errors import ZooError
 from zoo.evaluate import evaluate
@@ -32,8 +33,6 @@ from zoo.progress import progress_bar
 from zoo.registry import ModelEntry, build, get_model
 from zoo.train import (
     TrainSettings,
-    converged,
-    convergence,
     fit,
     resolve_device,
     seed_everything,

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import pickle
+import random
 import shutil
 import tempfile
 import warnings
@@ -175,6 +176,27 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
     """Atomically write the training state (tensors, numbers, strings, lists and dicts only)."""
     _atomic_write(run_dir / CHECKPOINT, lambda file: torch.save(state, file))
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random-number state a run draws from, in a form ``weights_only`` loading accepts."""
+    name, key, position, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(key.astype(np.int64)), position, has_gauss, gauss]}
+    if torch.cuda.is_initialized():  # the generator training draws from: the current GPU's
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, key, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), position, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]  # older checkpoints hold a list: the state of every GPU
+        torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, list)
+                                 else cuda)  # on this rank's GPU, under several processes
 
 
 _CHECKPOINT_TYPES = {"model": dict, "guide": dict, "optimizer": dict, "epoch": int,

@@ -1,13 +1,19 @@
 """The training engine shared by every model, guide and objective.
 
 One loop: the data stay in memory as tensors, each epoch visits them in a fresh random order
-in index-based minibatches, and each step minimizes
+in index-based minibatches, and each step (:func:`eager_step`, or another :data:`StepFactory`
+given to :func:`fit`) minimizes
 
     loss = objective.differentiable_loss(model, guide, *batch) / batch_size,
 
 the objective in nats per data point, with a torch optimizer over the parameters of model and
-guide. A run is reproducible from its seed: with the same seed, a CPU run gives bitwise the
-same parameters, and a run stopped after any epoch and resumed from its checkpoint ends where
+guide. :func:`fit` is that loop; the extras are composed around the step: the recorded loss of
+``--jit`` (:func:`zoo.objectives.traced_loss`), the learning-rate schedule and its plateaus
+(:mod:`zoo.optimize`, :mod:`zoo.convergence`), KL annealing (``set_progress``), the progress
+bar, the checks for non-finite values, the whole-data losses, metrics.csv and the checkpoints.
+
+A run is reproducible from its seed: with the same seed, a CPU run gives bitwise the same
+parameters, and a run stopped after any epoch and resumed from its checkpoint ends where
 the uninterrupted run ends (the checkpoint holds the optimizer and all random-number states).
 
 Pyro's and torch's argument checks (supports, shapes, parameter constraints) run on the first
@@ -27,17 +33,14 @@ the same steps as one process, and rank 0 alone writes the run folder.
 from __future__ import annotations
 
 import math
-import random
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-import numpy as np
 import pyro
 import torch
 from pyro.distributions import is_validation_enabled
@@ -45,66 +48,31 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
 from zoo import distributed
+from zoo.convergence import (
+    converged,
+    improvement,
+    lr_factor,
+    warn_if_diverged,
+    warn_if_not_converged,
+)
 from zoo.errors import ZooError
+from zoo.evaluate import average_loss
 from zoo.objectives import traced_loss
-from zoo.runs import CHECKPOINT, append_metrics, save_checkpoint, write_metrics
-
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "sgd": torch.optim.SGD,
-}
-
-
-@runtime_checkable
-class StepScaled(Protocol):
-    """A module whose parameters live in the units of the data: ``step_scales()`` maps the names
-    of such parameters to the data's scale, and the learning rate of each is multiplied by it.
-
-    Adam moves every parameter by about ``lr`` per step whatever its gradient's size, so a
-    loading matrix of entries near 0.01 (or 1000) needs a learning rate 100 times smaller (or
-    larger) than one of entries near 1; scaling the step with the data makes one default
-    learning rate fit tables of any scale. It is the same as training ``W / s`` at ``lr``.
-    """
-
-    def step_scales(self) -> dict[str, float]: ...
-
-
-def parameter_groups(modules: Sequence[torch.nn.Module], parameters: list[torch.nn.Parameter]
-                     ) -> list[dict[str, Any]]:
-    """``parameters`` in groups of equal ``step_scale`` (1 unless a :class:`StepScaled` module
-    declares another), in the order of their first member, for the optimizer."""
-    scales: dict[torch.nn.Parameter, float] = {}
-    for module in modules:
-        if isinstance(module, StepScaled):
-            named = dict(module.named_parameters())
-            scales.update({named[name]: scale for name, scale in module.step_scales().items()})
-    groups: dict[float, list[torch.nn.Parameter]] = {}
-    for parameter in parameters:
-        groups.setdefault(scales.get(parameter, 1.0), []).append(parameter)
-    return [{"params": members, "step_scale": scale} for scale, members in groups.items()]
-
-
-def make_optimizer(name: str, parameters: list[torch.nn.Parameter] | list[dict[str, Any]],
-                   lr: float) -> torch.optim.Optimizer:
-    """The optimizer ``name`` over ``parameters`` (or parameter groups), with torch's fused
-    kernel: one pass over all parameters per step instead of a few small operations per tensor,
-    the same update up to rounding (at batch 20 on an MNIST VAE it saves about a quarter of a CPU
-    training step)."""
-    return OPTIMIZERS[name](parameters, lr=lr, fused=True)
-
-
-LR_SCHEDULES: dict[str, Callable[[float], float]] = {
-    "constant": lambda progress: 1.0,
-    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
-    "plateau": lambda progress: 1.0,
-}
-"""Schedule name -> learning-rate factor as a function of the share of steps done, in [0, 1].
-``plateau`` is constant between the plateaus of the loss, where :func:`lr_factor` halves it."""
-
-PLATEAU_HALVINGS = 5
-"""The ``plateau`` schedule halves the learning rate at each plateau of the loss, at most this
-many times; training to convergence stops at the plateau reached at the smallest rate."""
+from zoo.optimize import (
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    make_optimizer,
+    parameter_groups,
+    set_learning_rate,
+)
+from zoo.runs import (
+    CHECKPOINT,
+    append_metrics,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_metrics,
+)
 
 
 class TrainingDiverged(ZooError):
@@ -124,8 +92,8 @@ class TrainSettings:
     ``lr_schedule`` is ``constant``, ``cosine``: lr_t = lr (1 + cos(pi t / T)) / 2 at step t of
     T, which lets stochastic gradients settle at the optimum instead of jittering around it, or
     ``plateau`` (needs ``tolerance``): lr halved each time the loss stops improving by
-    ``tolerance`` per epoch, down to lr / 2^PLATEAU_HALVINGS, the same settling without a
-    fixed number of steps.
+    ``tolerance`` per epoch, down to lr / 2^5 (:data:`zoo.convergence.PLATEAU_HALVINGS`), the
+    same settling without a fixed number of steps.
     ``clip_norm`` clips the global gradient norm; ``device`` is ``cpu``, ``cuda`` or ``auto``.
     ``freeze_model`` trains the guide alone, with the model's parameters held where they are.
     ``jit`` computes the loss by a recording of it per batch shape
@@ -141,9 +109,9 @@ class TrainSettings:
     ``tolerance``, when given, trains to convergence: training stops before the budget of
     ``steps`` (or ``epochs``) once the loss on the whole training set, smoothed over
     ``patience`` epochs, improves by less than ``tolerance`` nats per data point per epoch
-    (:func:`improvement`; with the plateau schedule, at its smallest learning rate); without it
-    the budget is a fixed number of steps. ``threads`` is the number of CPU threads torch uses
-    during training (None: torch's default).
+    (:func:`zoo.convergence.improvement`; with the plateau schedule, at its smallest learning
+    rate); without it the budget is a fixed number of steps. ``threads`` is the number of CPU
+    threads torch uses during training (None: torch's default).
     """
 
     epochs: int = 10
@@ -225,27 +193,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def rng_state() -> dict[str, Any]:
-    """Every random-number state a run draws from, in a form ``weights_only`` loading accepts."""
-    name, key, position, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [name, torch.from_numpy(key.astype(np.int64)), position, has_gauss, gauss]}
-    if torch.cuda.is_initialized():  # the generator training draws from: the current GPU's
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, key, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), position, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]  # older checkpoints hold a list: the state of every GPU
-        torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, list)
-                                 else cuda)  # on this rank's GPU, under several processes
-
-
 def trainable_parameters(model: torch.nn.Module, guide: torch.nn.Module, freeze_model: bool
                          ) -> list[torch.nn.Parameter]:
     """The parameters training moves: the guide's, and the model's unless ``freeze_model``."""
@@ -256,72 +203,6 @@ def trainable_parameters(model: torch.nn.Module, guide: torch.nn.Module, freeze_
                        "guide with parameters" if freeze_model else
                        "neither the model nor the guide has parameters: there is nothing to train")
     return parameters
-
-
-def improvement(losses: Sequence[float], patience: int) -> float | None:
-    """How much the loss still improves per epoch, smoothed over epochs.
-
-    With l_e the loss at the end of epoch e (nats per data point), E epochs done and
-    P = ``patience``: the mean of l over epochs E - 2P + 1 .. E - P minus its mean over
-    E - P + 1 .. E, divided by the P epochs between them. Positive while training improves the
-    loss; None before 2 P epochs.
-
-    Training to convergence measures l_e as the loss on the whole training set with the same
-    random draws at every epoch (``average_loss`` with the run's seed, the ``fit_loss`` column):
-    the differences between epochs are then those of the parameters, not of the draws, so a
-    slow improvement stands out of the noise that a minibatch average over an epoch carries.
-    """
-    if len(losses) < 2 * patience:
-        return None
-    before, last = losses[-2 * patience:-patience], losses[-patience:]
-    return (sum(before) - sum(last)) / patience**2
-
-
-def _plateau(history: Sequence[dict[str, Any]], settings: TrainSettings) -> bool:
-    """Whether the last epoch ended a plateau: an improvement below ``settings.tolerance``."""
-    rate = history[-1].get("improvement") if history else None
-    return settings.tolerance is not None and rate is not None and rate < settings.tolerance
-
-
-def lr_factor(history: Sequence[dict[str, Any]], settings: TrainSettings) -> float:
-    """The plateau schedule's factor for the next epoch: that of the last epoch, halved when
-    that epoch ended a plateau (at most ``PLATEAU_HALVINGS`` times); 1 for other schedules."""
-    if not history:
-        return 1.0
-    factor = history[-1].get("lr_factor", 1.0)
-    halve = (settings.lr_schedule == "plateau" and _plateau(history, settings)
-             and factor > 2.0**-PLATEAU_HALVINGS)
-    return factor / 2 if halve else factor
-
-
-def converged(history: Sequence[dict[str, Any]], settings: TrainSettings) -> bool:
-    """Whether training to convergence (``settings.tolerance``) has stopped improving: a
-    plateau, for the plateau schedule at its smallest learning rate."""
-    return _plateau(history, settings) and (
-        settings.lr_schedule != "plateau"
-        or history[-1].get("lr_factor", 1.0) <= 2.0**-PLATEAU_HALVINGS)
-
-
-def convergence(history: Sequence[dict[str, Any]], settings: TrainSettings) -> dict[str, Any]:
-    """How a run ended: ``converged`` (None for a fixed budget), ``steps`` done, the last
-    ``improvement`` per epoch (nats per data point, None before 2 ``patience`` epochs) and the
-    ``tolerance``; config.json, ``zoo evaluate --json`` and the report show it."""
-    return {"converged": None if settings.tolerance is None else converged(history, settings),
-            "steps": history[-1]["step"] if history else 0,
-            "improvement": history[-1].get("improvement") if history else None,
-            "tolerance": settings.tolerance}
-
-
-def describe_convergence(summary: dict[str, Any]) -> str:
-    """One line for a :func:`convergence` summary."""
-    steps, rate, tolerance = summary["steps"], summary["improvement"], summary["tolerance"]
-    if summary["converged"] is None:
-        return f"training: a fixed budget of {steps} steps"
-    still = "" if rate is None else f", improving by {rate:.2g} nats per point per epoch"
-    if summary["converged"]:
-        return f"training: converged after {steps} steps{still} (tolerance {tolerance:g})"
-    return f"training: NOT converged within its budget of {steps} steps{still} " \
-           f"(tolerance {tolerance:g})"
 
 
 @contextmanager
@@ -336,21 +217,68 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@torch.no_grad()
-def average_loss(objective, model, guide, data: Sequence[torch.Tensor], *, seed: int,
-                 chunk_size: int = 4096) -> float:
-    """The objective's loss per data point over ``data``, under a private random stream seeded
-    with ``seed``, so evaluating never changes what training draws next."""
-    devices = [data[0].device] if data[0].device.type == "cuda" else []
-    was_training = model.training, guide.training
-    model.eval(), guide.eval()
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        total = sum(objective.differentiable_loss(
-                        model, guide, *(tensor[start:start + chunk_size] for tensor in data))
-                    for start in range(0, data[0].shape[0], chunk_size))
-    model.train(was_training[0]), guide.train(was_training[1])
-    return float(total) / data[0].shape[0]
+Step = Callable[[tuple[torch.Tensor, ...]], torch.Tensor]
+"""One optimizer step on a batch (the tensors model and guide are called with): returns the
+batch's loss per data point, detached; a loss that is not finite is returned without a step."""
+
+StepFactory = Callable[[Callable[..., torch.Tensor], torch.optim.Optimizer,
+                        list[torch.nn.Parameter], "TrainSettings"], Step]
+"""Builds a :data:`Step` from ``loss_of(*batch)`` (the objective's loss of a batch, summed over
+its points), the optimizer, the parameters it moves and the settings: :func:`eager_step`, or
+another way to take the same step (compiled, say), passed to :func:`fit` as ``make_step``."""
+
+
+def eager_step(loss_of: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer,
+               parameters: list[torch.nn.Parameter], settings: TrainSettings) -> Step:
+    """The training step: zero the gradients, compute the loss, backpropagate, step.
+
+    The loss of a batch of B points is loss_of(batch) / B; under several processes each computes
+    its share (:func:`zoo.distributed.share_loss`) and the gradients and losses are summed over
+    them (:func:`zoo.distributed.sum_gradients`). The global gradient norm is clipped to
+    ``settings.clip_norm`` when it is given. The optimizer's learning rates are set by the loop
+    around the step.
+    """
+    def step(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        loss = distributed.share_loss(loss_of, batch) / batch[0].shape[0]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        loss = distributed.sum_gradients(parameters, loss)
+        if not bool(torch.isfinite(loss)):
+            return loss
+        if settings.clip_norm is not None:
+            clip_grad_norm_(parameters, settings.clip_norm)
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+@dataclass
+class _Training:
+    """The state of one call to :func:`fit`: what it trains, on what, and how far it got."""
+
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    objective: Any
+    train: tuple[torch.Tensor, ...]
+    test: tuple[torch.Tensor, ...] | None
+    settings: TrainSettings
+    run_dir: Path | None
+    parameters: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    loss_of: Callable[..., torch.Tensor]
+    batch_size: int
+    total_steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    step: int = 0
+    first_step: int = 0
+    """The step at which this call started: Pyro's argument checks run there only."""
+    validate: bool = True
+    """Whether Pyro's argument checks were on when the call started."""
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps or converged(self.history, self.settings)
 
 
 def _batches(data: Sequence[torch.Tensor], batch_size: int, passes: int
@@ -369,32 +297,50 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
         *, test: Sequence[torch.Tensor] | None = None, settings: TrainSettings | None = None,
         run_dir: Path | None = None, checkpoint: dict[str, Any] | None = None,
         transform: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]] | None = None,
-        on_epoch: Callable[[dict[str, float]], None] | None = None, desc: str = "training"
-        ) -> list[dict[str, float]]:
+        on_epoch: Callable[[dict[str, float]], None] | None = None, desc: str = "training",
+        make_step: StepFactory = eager_step) -> list[dict[str, float]]:
     """Train ``model`` and ``guide`` on ``train`` (a tuple of tensors whose first dimension
     indexes data points, passed to model and guide as positional arguments).
 
     Returns the history: one dict per epoch with ``epoch``, ``step``, ``train_loss`` (mean loss
     per data point over the epoch's steps), ``test_loss`` (on ``test``, or None), ``seconds`` and
-    ``improvement`` (:func:`improvement`). With ``settings.tolerance`` training stops once it
-    has converged (:func:`converged`), and warns when the budget ends first.
-    With ``run_dir``, each epoch appends its row to metrics.csv and replaces checkpoint.pt;
-    with ``checkpoint`` (a dict from :func:`zoo.runs.load_checkpoint`), training continues from
-    it. ``transform``, when given, maps ``train`` to the tensors of each new epoch (dynamic
-    binarization draws fresh binary images from the grey levels this way), drawing from torch's
-    generator so that resuming stays exact. An objective with a ``set_progress(epochs)`` method
-    (KL annealing) is told before each step how many epochs are done, as a float.
-    With ``settings.freeze_model`` only the guide's parameters are trained. The progress bar
-    (unless ``settings.quiet``) is labelled ``desc``.
+    ``improvement`` (:func:`zoo.convergence.improvement`). With ``settings.tolerance`` training
+    stops once it has converged (:func:`zoo.convergence.converged`), and warns when the budget
+    ends first. With ``run_dir``, each epoch appends its row to metrics.csv and replaces
+    checkpoint.pt; with ``checkpoint`` (a dict from :func:`zoo.runs.load_checkpoint`), training
+    continues from it. ``transform``, when given, maps ``train`` to the tensors of each new
+    epoch (dynamic binarization draws fresh binary images from the grey levels this way),
+    drawing from torch's generator so that resuming stays exact. An objective with a
+    ``set_progress(epochs)`` method (KL annealing) is told before each step how many epochs are
+    done, as a float. With ``settings.freeze_model`` only the guide's parameters are trained.
+    The progress bar (unless ``settings.quiet``) is labelled ``desc``. ``make_step`` builds the
+    step (:data:`StepFactory`); everything else here is the loop around it.
     """
     settings = settings or TrainSettings()
     with torch_threads(settings.threads):
-        return _fit(model, guide, objective, train, test, settings, run_dir, checkpoint,
-                    transform, on_epoch, desc)
+        run = _prepare(model, guide, objective, train, test, settings, run_dir, checkpoint)
+        take_step = make_step(run.loss_of, run.optimizer, run.parameters, settings)
+        bar = tqdm(total=run.total_steps, initial=run.step, unit="step", dynamic_ncols=True,
+                   desc=desc, disable=settings.quiet or not distributed.is_main())
+        try:
+            while not run.done:
+                row = _train_epoch(run, take_step, transform, bar)
+                _record_epoch(run, row, checkpoint=run_dir is not None and distributed.is_main())
+                if on_epoch is not None:
+                    on_epoch(row)
+        finally:
+            bar.close()
+            model.requires_grad_(True)
+        warn_if_diverged(run.history)
+        warn_if_not_converged(run.history, settings, run.total_steps, run_dir)
+    return run.history
 
 
-def _fit(model, guide, objective, train, test, settings, run_dir, checkpoint, transform,
-         on_epoch, desc) -> list[dict[str, float]]:
+def _prepare(model, guide, objective, train, test, settings: TrainSettings,
+             run_dir: Path | None, checkpoint: dict[str, Any] | None) -> _Training:
+    """Model, guide and data on the device; the loss (recorded with ``settings.jit``), the
+    optimizer over the trained parameters; the state of ``checkpoint`` restored, else every
+    generator seeded."""
     distributed.check(settings.batch_size, getattr(objective, "free_bits", 0.0))
     device = distributed.setup(resolve_device(settings.device))
     model.to(device), guide.to(device)
@@ -407,118 +353,90 @@ def _fit(model, guide, objective, train, test, settings, run_dir, checkpoint, tr
     model.requires_grad_(not settings.freeze_model)
     optimizer = make_optimizer(settings.optimizer, parameter_groups((model, guide), parameters),
                                settings.lr)
-
     num_train = train[0].shape[0]
     batch_size = min(settings.batch_size, num_train)
-    steps_per_epoch = settings.steps_per_epoch(num_train)
     if settings.jit:
         distributed.check_recordings(num_train, batch_size)
-    total_steps = settings.total_steps(num_train)
-    set_progress = getattr(objective, "set_progress", None)
-    schedule = LR_SCHEDULES[settings.lr_schedule]
-    history: list[dict[str, float]] = []
-    step = 0
+    run = _Training(model, guide, objective, train, test, settings, run_dir, parameters,
+                    optimizer, loss_of, batch_size, settings.total_steps(num_train))
     if checkpoint is None:
         seed_everything(settings.seed)
     else:
         model.load_state_dict(checkpoint["model"])
         guide.load_state_dict(checkpoint["guide"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        history, step = list(checkpoint["history"]), checkpoint["step"]
+        run.history, run.step = list(checkpoint["history"]), checkpoint["step"]
         set_rng_state(checkpoint["rng"])
         if run_dir is not None and distributed.is_main():
-            write_metrics(run_dir, history)
-
-    validate, first_step = is_validation_enabled(), step
-    bar = tqdm(total=total_steps, initial=step, unit="step",
-               disable=settings.quiet or not distributed.is_main(),
-               dynamic_ncols=True, desc=desc)
-    try:
-        while step < total_steps and not converged(history, settings):
-            epoch = len(history) + 1
-            factor = lr_factor(history, settings)
-            started = time.perf_counter()
-            loss_sum, seen = torch.zeros((), device=device), 0
-            epoch_data = train if transform is None else transform(train)
-            for begin, batch in _batches(epoch_data, batch_size, settings.passes):
-                if step == total_steps:
-                    break
-                if set_progress is not None:
-                    set_progress(step / steps_per_epoch)
-                size = batch[0].shape[0]
-                with pyro.validation_enabled(validate and step == first_step):
-                    loss = distributed.share_loss(loss_of, batch) / size
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                loss = distributed.sum_gradients(parameters, loss)
-                if not bool(torch.isfinite(loss)):
-                    raise _diverged(f"the loss is not finite at epoch {epoch}, step "
-                                    f"{begin // batch_size + 1} (step {step + 1} overall)",
-                                    run_dir, epoch)
-                if settings.clip_norm is not None:
-                    clip_grad_norm_(parameters, settings.clip_norm)
-                for group in optimizer.param_groups:
-                    group["lr"] = (settings.lr * group.get("step_scale", 1.0) * factor
-                                   * schedule(step / total_steps))
-                optimizer.step()
-                step += 1
-                loss_sum += loss.detach() * size
-                seen += size
-                bar.update()
-            seconds = time.perf_counter() - started
-            if not all(bool(torch.isfinite(parameter).all()) for parameter in parameters):
-                raise _diverged(f"the parameters are not finite after step {step} (the end of "
-                                f"epoch {epoch}): a gradient was not finite", run_dir, epoch)
-            row = {"epoch": epoch, "step": step, "train_loss": loss_sum.item() / seen,
-                   "test_loss": None if test is None or not distributed.is_main()
-                   else average_loss(objective, model, guide, test, seed=settings.seed + epoch),
-                   "seconds": seconds}
-            if settings.tolerance is not None:
-                row["fit_loss"] = distributed.from_main(  # one pass, the same on every rank
-                    average_loss(objective, model, guide, train, seed=settings.seed)
-                    if distributed.is_main() else None)
-                row["lr_factor"] = factor
-                row["improvement"] = improvement(  # over the epochs at this learning rate
-                    [past["fit_loss"] for past in [*history, row] if past["lr_factor"] == factor],
-                    settings.patience)
-            history.append(row)
-            bar.set_postfix({"epoch": epoch, "loss": f"{row['train_loss']:.4g}",
-                             "items/s": f"{seen / seconds:.0f}"}, refresh=False)
-            if run_dir is not None and distributed.is_main():
-                append_metrics(run_dir, row)
-                save_checkpoint(run_dir, {
-                    "model": model.state_dict(), "guide": guide.state_dict(),
-                    "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-                    "history": history,
-                    "rng": rng_state()})
-            row["test_loss"] = distributed.from_main(row["test_loss"])
-            if on_epoch is not None:
-                on_epoch(row)
-    finally:
-        bar.close()
-        model.requires_grad_(True)
-    warn_if_diverged(history)
-    if settings.tolerance is not None and not converged(history, settings):
-        rate = history[-1]["improvement"]
-        still = ("" if rate is None else
-                 f" (the loss still improves by {rate:.2g} nats per point per epoch)")
-        warnings.warn(f"training used its budget of {total_steps} steps without converging to "
-                      f"--tolerance {settings.tolerance:g}{still}; give it more room with "
-                      f"--max-steps {2 * total_steps}"
-                      + (f" (or zoo train --resume {run_dir} --steps {2 * total_steps})"
-                         if run_dir is not None else ""), stacklevel=2)
-    return history
+            write_metrics(run_dir, run.history)
+    run.first_step, run.validate = run.step, is_validation_enabled()
+    return run
 
 
-def warn_if_diverged(history: Sequence[dict[str, float]]) -> None:
-    """Warn when the last epoch's training loss L_last (nats per data point) ended far above
-    the best epoch's, L_last > L_best + 10 (|L_best| + 1): a loss that grew without becoming
-    infinite, which the checks for non-finite values do not stop."""
-    if len(history) < 2:
-        return
-    best = min(history, key=lambda row: row["train_loss"])
-    last, lowest = history[-1]["train_loss"], best["train_loss"]
-    if last > lowest + 10 * (abs(lowest) + 1):
-        warnings.warn(f"training diverged: the last epoch's loss, {last:.4g} nats per data "
-                      f"point, is far above the best, {lowest:.4g} (epoch {best['epoch']}); "
-                      f"lower --lr or set --clip-norm and train again", stacklevel=2)
+def _train_epoch(run: _Training, take_step: Step, transform, bar) -> dict[str, Any]:
+    """``passes`` passes over the training data, each in a fresh random order, in minibatches,
+    up to the budget of steps. Pyro's argument checks run on the first step of :func:`fit` only; the
+    learning rate of each step is lr times the plateau factor and the schedule's. Returns the
+    epoch's row: ``epoch``, ``step``, ``train_loss`` and ``seconds`` (``test_loss`` is
+    filled in by :func:`_record_epoch`)."""
+    settings, num_train = run.settings, run.train[0].shape[0]
+    epoch, factor = len(run.history) + 1, lr_factor(run.history, run.settings)
+    schedule = LR_SCHEDULES[settings.lr_schedule]
+    set_progress = getattr(run.objective, "set_progress", None)
+    started = time.perf_counter()
+    loss_sum, seen = torch.zeros((), device=run.train[0].device), 0
+    data = run.train if transform is None else transform(run.train)
+    for begin, batch in _batches(data, run.batch_size, settings.passes):
+        if run.step == run.total_steps:
+            break
+        if set_progress is not None:
+            set_progress(run.step / settings.steps_per_epoch(num_train))
+        set_learning_rate(run.optimizer, settings.lr, factor,
+                          schedule(run.step / run.total_steps))
+        with pyro.validation_enabled(run.validate and run.step == run.first_step):
+            loss = take_step(batch)
+        if not bool(torch.isfinite(loss)):
+            raise _diverged(f"the loss is not finite at epoch {epoch}, step "
+                            f"{begin // run.batch_size + 1} (step {run.step + 1} overall)",
+                            run.run_dir, epoch)
+        run.step += 1
+        loss_sum += loss * batch[0].shape[0]
+        seen += batch[0].shape[0]
+        bar.update()
+    seconds = time.perf_counter() - started
+    if not all(bool(torch.isfinite(parameter).all()) for parameter in run.parameters):
+        raise _diverged(f"the parameters are not finite after step {run.step} (the end of "
+                        f"epoch {epoch}): a gradient was not finite", run.run_dir, epoch)
+    bar.set_postfix({"epoch": epoch, "loss": f"{loss_sum.item() / seen:.4g}",
+                     "items/s": f"{seen / seconds:.0f}"}, refresh=False)
+    return {"epoch": epoch, "step": run.step, "train_loss": loss_sum.item() / seen,
+            "test_loss": None, "seconds": seconds}
+
+
+def _record_epoch(run: _Training, row: dict[str, Any], *, checkpoint: bool) -> None:
+    """Complete the epoch's ``row`` and append it to the history: ``test_loss`` and, when
+    training to convergence, ``fit_loss``, ``lr_factor`` and ``improvement`` (over the epochs
+    at this learning rate), each computed once, on rank 0; with ``checkpoint``, the row goes to
+    metrics.csv and the state to checkpoint.pt."""
+    settings, main = run.settings, distributed.is_main()
+    model, guide, objective = run.model, run.guide, run.objective
+    row["test_loss"] = (None if run.test is None or not main else
+                        average_loss(objective, model, guide, run.test,
+                                     seed=settings.seed + row["epoch"]))
+    if settings.tolerance is not None:
+        factor = lr_factor(run.history, settings)
+        row["fit_loss"] = distributed.from_main(  # one pass, the same on every rank
+            average_loss(objective, model, guide, run.train, seed=settings.seed) if main
+            else None)
+        row["lr_factor"] = factor
+        row["improvement"] = improvement(
+            [past["fit_loss"] for past in [*run.history, row] if past["lr_factor"] == factor],
+            settings.patience)
+    run.history.append(row)
+    if checkpoint:
+        append_metrics(run.run_dir, row)
+        save_checkpoint(run.run_dir, {
+            "model": model.state_dict(), "guide": guide.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "epoch": row["epoch"], "step": run.step,
+            "history": run.history, "rng": rng_state()})
+    row["test_loss"] = distributed.from_main(row["test_loss"])

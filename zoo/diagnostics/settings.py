@@ -1,0 +1,34 @@
+"""What every stage of the diagnostics shares: the latent site's name and how many draws each
+diagnostic uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LATENT = "z"
+"""The latent sample site of model and guide, event shape [M], in the plate ``"data"``."""
+
+
+@dataclass(frozen=True)
+class DiagnosticSettings:
+    """How many draws each diagnostic uses; the defaults suit ``zoo diagnose``."""
+
+    num_chains: int = 4
+    num_draws: int = 500
+    """Guide and exact draws per chain: num_chains * num_draws importance weights per point."""
+    nuts_points: int = 4
+    nuts_chains: int = 2
+    nuts_warmup: int = 300
+    nuts_samples: int = 500
+    sbc_simulations: int = 1000
+    sbc_draws: int = 99
+    sbc_bins: int = 10
+    local_steps: int = 500
+    local_lr: float = 0.05
+    local_particles: int = 64
+    """Particles per step when the per-point ELBO has no closed form."""
+    elbo_particles: int = 4000
+    """Particles of the Monte-Carlo ELBOs and importance-sampled log p(x) of the gaps."""
+    quiet: bool = False
+    """No progress bars (:mod:`zoo.progress`: one per stage, for NUTS and for the gaps)."""
+
