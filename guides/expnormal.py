@@ -38,6 +38,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
+from zoo.contract import DISTRIBUTION
 from zoo.models.expnormal import TruncatedNormal
 
 MIN_SCALE = 1e-3
@@ -47,6 +48,8 @@ MIN_SCALE = 1e-3
 class _EncoderGuide(PyroModule):
     """What both guides share: ``recognition_net`` from standardized x to (mu, s), and the site
     ``"z"`` in the plate ``"data"``. Subclasses turn (mu, s) into q in ``distribution``."""
+
+    offers = frozenset({DISTRIBUTION})
 
     def __init__(self, data_dim: int = 1, hidden_dim: int = 32):
         super().__init__()

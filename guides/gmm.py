@@ -46,6 +46,7 @@ from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.runtime import _PYRO_STACK, get_plates
 from torch import Tensor, nn
 
+from zoo.contract import DISCRETE_POSTERIOR
 from zoo.errors import ZooError
 from zoo.models.gmm import GMM, check_options, check_table
 
@@ -105,6 +106,8 @@ class AmortizedGuide(PyroModule):
     ``encoder``: ``Linear(F, K)``; ``baseline_net``: ``Linear(F, 1)``; buffers ``shift`` and
     ``scale_in`` ``[D]`` standardize the input.
     """
+
+    offers = frozenset({DISCRETE_POSTERIOR})
 
     def __init__(self, data_dim: int, components: int = 3):
         super().__init__()

@@ -44,6 +44,7 @@ from torch import Tensor
 from torch.distributions import LogNormal, constraints, register_kl
 from torch.distributions.utils import broadcast_all
 
+from zoo.contract import EXACT_MARGINAL, EXACT_POSTERIOR
 from zoo.errors import ZooError
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -266,6 +267,8 @@ class ExpNormal(PyroModule):
     broadcast to ``z: [K, N, 1]``. ``posterior`` and ``marginal_log_prob`` are the closed forms
     of the module docstring. ``data_dim`` must be 1: the observation is a scalar.
     """
+
+    offers = frozenset({EXACT_MARGINAL, EXACT_POSTERIOR})
 
     def __init__(self, data_dim: int = 1):
         super().__init__()

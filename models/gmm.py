@@ -28,7 +28,7 @@ point (or a lower-dimensional subspace) drives it to infinity. Every diagonal en
 the floor bounds every conditional variance below by 1e-6 times the column's variance, much
 as scikit-learn's ``reg_covar`` = 1e-6 does, and keeps log N(x | mu_k, Sigma_k) bounded. When
 a component's factor sits at the floor a warning says so (``warn_if_floor_binds``: after the
-initialization, in ``metrics``, and in the components figure drawn after training).
+initialization, in ``zoo evaluate``, and in the components figure drawn after training).
 
 Exact marginal and posterior. With a_nk = log pi_k + log N(x_n | mu_k, Sigma_k) (``joint_log_prob``,
 ``[N, K]``), summing z out gives
@@ -80,6 +80,7 @@ from torch import Tensor, nn
 from torch.distributions import biject_to, constraints, transform_to
 from torch.distributions.transforms import Transform
 
+from zoo.contract import DISCRETE_POSTERIOR, EXACT_MARGINAL
 from zoo.errors import ZooError
 
 COVARIANCES = ("full", "diag")
@@ -349,6 +350,8 @@ class GMM(PyroModule):
     ``prior="weak"`` a factor ``"prior"`` outside it.
     """
 
+    offers = frozenset({EXACT_MARGINAL, DISCRETE_POSTERIOR})
+
     def __init__(self, data_dim: int, components: int = 3, covariance: str = "full",
                  prior: str = "none"):
         super().__init__()
@@ -585,30 +588,3 @@ class GMM(PyroModule):
         the same definition as scikit-learn's ``GaussianMixture.bic``)."""
         p = num_parameters(self.components, self.data_dim, self.covariance)
         return float(-2 * self.marginal_log_prob(x).sum() + p * math.log(x.shape[0]))
-
-    @torch.no_grad()
-    def metrics(self, guide, x: Tensor) -> dict[str, float]:
-        """Exact per-data-point metrics, used by :func:`zoo.evaluate.evaluate`.
-
-        ``log_likelihood``: mean_n log p(x_n). ``elbo``: mean_n E_q[log p(x_n, z) -
-        log q(z | x_n)], summed over the K values of z; a guide without
-        ``log_responsibilities`` (enumeration) has q = p(z | x) and ELBO = log-likelihood,
-        an amortized one has ELBO = log p(x_n) - KL(q || p). ``responsibility_kl``: mean_n
-        KL(q(z | x_n) || p(z | x_n)), for a guide that exposes q. ``bic``: of the whole ``x``
-        (not per point). The prior, if any, is left out of every metric. Warns when the
-        variance floor binds.
-        """
-        self.warn_if_floor_binds()
-        a = self.joint_log_prob(x)                                       # [N, K]
-        log_px = torch.logsumexp(a, -1)
-        result = {"log_likelihood": log_px.mean().item()}
-        if hasattr(guide, "log_responsibilities"):
-            log_q = guide.log_responsibilities(x)
-            q = log_q.exp()
-            kl = torch.where(q > 0, q * (log_q - (a - log_px[:, None])), 0.0).sum(-1)
-            result["elbo"] = (log_px - kl).mean().item()
-            result["responsibility_kl"] = kl.mean().item()
-        else:
-            result["elbo"] = result["log_likelihood"]
-        result["bic"] = self.bic(x)
-        return result

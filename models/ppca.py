@@ -65,6 +65,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
 from torch.distributions import constraints
 
+from zoo.contract import EXACT_MARGINAL, EXACT_POSTERIOR, MAXIMUM_LIKELIHOOD
 from zoo.errors import ZooError
 
 
@@ -190,6 +191,8 @@ class PPCA(PyroModule):
     units of s (:class:`zoo.train.StepScaled`), so one learning rate fits tables of any scale.
     ``log sigma`` needs no scale.
     """
+
+    offers = frozenset({EXACT_MARGINAL, EXACT_POSTERIOR, MAXIMUM_LIKELIHOOD})
 
     def __init__(self, data_dim: int, latent_dim: int):
         super().__init__()

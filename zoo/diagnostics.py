@@ -102,6 +102,7 @@ from torch.distributions import (
 )
 
 from zoo import plots, runs
+from zoo.contract import DISCRETE_POSTERIOR, DISTRIBUTION, EXACT_MARGINAL, EXACT_POSTERIOR, offers
 from zoo.errors import ZooError
 from zoo.evaluate import log_likelihood
 from zoo.experiment import load_run
@@ -244,7 +245,7 @@ def reference_posterior(model, *inputs: Tensor, draws: GuideDraws,
     """Exact draws for every point where the model has ``posterior``, else NUTS on the first
     ``settings.nuts_points`` points, started at guide draws."""
     C, S = settings.num_chains, settings.num_draws
-    if hasattr(model, "posterior"):
+    if offers(model, EXACT_POSTERIOR):
         with torch.no_grad():
             posterior = model.posterior(*inputs)
             z = posterior.sample((C * S,))
@@ -574,16 +575,16 @@ def amortization_gaps(model, guide, *inputs: Tensor, closed_form: bool = True,
     itself is kept: q belongs to the family, so the amortization gap
     is never negative.
     """
-    if not hasattr(guide, "distribution"):
+    if not offers(guide, DISTRIBUTION):
         return None
     with torch.no_grad():
         q = guide.distribution(*inputs)
-        posterior = (model.posterior(*inputs) if closed_form and hasattr(model, "posterior")
+        posterior = (model.posterior(*inputs) if closed_form and offers(model, EXACT_POSTERIOR)
                      else None)
     local = LocalGuide.around(q)
     if local is None:
         return None
-    exact = (posterior is not None and hasattr(model, "marginal_log_prob")
+    exact = (posterior is not None and offers(model, EXACT_MARGINAL)
              and _has_closed_form_kl(q, posterior))
     if exact:
         _fit_local(model, local, inputs,
@@ -601,10 +602,10 @@ def amortization_gaps(model, guide, *inputs: Tensor, closed_form: bool = True,
                            quiet=settings.quiet, desc=f"gaps: ELBO and log p(x) with {name}")
             for proposal, name in ((guide, "q"), (local, "q*")))
         elbo, optimal = amortized.elbo, fitted.elbo
-        log_px = (model.marginal_log_prob(*inputs).detach() if hasattr(model, "marginal_log_prob")
+        log_px = (model.marginal_log_prob(*inputs).detach() if offers(model, EXACT_MARGINAL)
                   else torch.maximum(amortized.log_likelihood, fitted.log_likelihood))
     return Gaps(log_px.detach(), elbo.detach(), torch.maximum(optimal, elbo).detach(),
-                exact=hasattr(model, "marginal_log_prob"))
+                exact=offers(model, EXACT_MARGINAL))
 
 
 # --- everything at once -----------------------------------------------------------------------
@@ -636,7 +637,7 @@ def diagnose(model, guide, *inputs: Tensor, points: Tensor | None = None,
     InferenceData. Draws from torch's global generator: seed it first for reproducible
     numbers."""
     points = torch.arange(inputs[0].shape[0]) if points is None else points
-    if hasattr(model, "responsibilities"):
+    if offers(model, DISCRETE_POSTERIOR):
         return _diagnose_mixture(model, guide, *inputs, points=points, settings=settings)
     with progress_bar(len(STAGES), "diagnostics", quiet=settings.quiet, unit="stage") as stages:
         stages.set_postfix_str(STAGES[0])
@@ -645,7 +646,7 @@ def diagnose(model, guide, *inputs: Tensor, points: Tensor | None = None,
         stages.update(), stages.set_postfix_str(STAGES[1])
         reference = reference_posterior(model, *inputs, draws=draws, settings=settings)
         with torch.no_grad():
-            q = guide.distribution(*inputs) if hasattr(guide, "distribution") else None
+            q = guide.distribution(*inputs) if offers(guide, DISTRIBUTION) else None
             per_point = _moment_errors(q, draws, reference)
         importance = importance_diagnostics(draws.log_weights)
         stages.update(), stages.set_postfix_str(STAGES[2])
@@ -717,7 +718,7 @@ def _diagnose_mixture(model, guide, *inputs: Tensor, points: Tensor,
     x = inputs[0]
     with torch.no_grad():
         exact = Categorical(probs=model.responsibilities(x))
-        q = (Categorical(probs=guide.responsibilities(x)) if hasattr(guide, "responsibilities")
+        q = (Categorical(probs=guide.responsibilities(x)) if offers(guide, DISCRETE_POSTERIOR)
              else exact)
         S, C = settings.num_draws, settings.num_chains
         z_q, z_p = q.sample((C * S,)), exact.sample((C * S,))                  # [C S, N]
@@ -725,7 +726,7 @@ def _diagnose_mixture(model, guide, *inputs: Tensor, points: Tensor,
         per_point: dict[str, Tensor] = {"posterior_kl": kl}
         log_q = q.log_prob(z_q)
         log_joint = None
-        if hasattr(model, "marginal_log_prob"):
+        if offers(model, EXACT_MARGINAL):
             log_px = model.marginal_log_prob(x).double()
             log_joint = exact.log_prob(z_q) + log_px.to(log_q)
             per_point.update(log_likelihood=log_px, elbo=log_px - kl, optimal_elbo=log_px,
