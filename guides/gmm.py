@@ -46,7 +46,7 @@ from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.runtime import _PYRO_STACK, get_plates
 from torch import Tensor, nn
 
-from zoo.contract import DISCRETE_POSTERIOR
+from zoo.contract import DISCRETE_POSTERIOR, ENUMERATED
 from zoo.errors import ZooError
 from zoo.models.gmm import GMM, check_options, check_table
 
@@ -54,6 +54,8 @@ from zoo.models.gmm import GMM, check_options, check_table
 class EnumerateGuide(PyroModule):
     """The guide of the exact route: no latent sites (z is enumerated in the model) and no
     parameters (the mixture's parameters are point estimates, held by the model)."""
+
+    offers = frozenset({ENUMERATED})
 
     def __init__(self, data_dim: int, components: int = 3):
         super().__init__()

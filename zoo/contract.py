@@ -25,7 +25,11 @@ capability                  methods (shapes for ``x: [N, D]``)                  
 ``DISCRETE_POSTERIOR``      ``log_responsibilities(x) -> [N, K]``, log p(z_n = k | x_n)  both
 ``DECODER``                 ``mean(z, *context) -> [N, D]``, E[x | z]                  model
 ``DISTRIBUTION``            ``distribution(*inputs) -> q(z | x)``, batch [N], event [M]  guide
+``ENUMERATED``              none: samples nothing, z is summed out in the model          guide
 =========================  ==========================================================  =======
+
+An ``ENUMERATED`` guide is called only under Pyro's enumeration (``TraceEnum_ELBO``, the
+objective ``enum``); it has no q(z | x) to draw from.
 
 The engine asks :func:`offers`, never ``hasattr`` and never a model's name; the conformance
 checks (``tests/test_conformance.py``) and :func:`check` hold every registered model to what it
@@ -52,6 +56,7 @@ MAXIMUM_LIKELIHOOD = "maximum likelihood"
 DISCRETE_POSTERIOR = "discrete posterior"
 DECODER = "decoder"
 DISTRIBUTION = "distribution"
+ENUMERATED = "enumerated"
 
 
 @runtime_checkable
@@ -104,6 +109,11 @@ class GuideDistribution(Protocol):
     def distribution(self, *inputs: Tensor) -> Distribution: ...
 
 
+@runtime_checkable
+class Enumerated(Protocol):
+    """A guide that samples nothing: the model's discrete z is summed out by enumeration."""
+
+
 CAPABILITIES: dict[str, type] = {
     EXACT_MARGINAL: ExactMarginal,
     EXACT_POSTERIOR: ExactPosterior,
@@ -111,6 +121,7 @@ CAPABILITIES: dict[str, type] = {
     DISCRETE_POSTERIOR: DiscretePosterior,
     DECODER: Decoder,
     DISTRIBUTION: GuideDistribution,
+    ENUMERATED: Enumerated,
 }
 """Each capability and the ``Protocol`` whose methods it promises."""
 
