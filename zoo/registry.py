@@ -13,13 +13,13 @@ from typing import Any
 import torch
 
 from zoo.data import Data
-from zoo.entries import cvae, expnormal, gmm, ppca, vae
+from zoo.entries import cvae, expnormal, fa, gmm, ppca, vae
 from zoo.entry import ModelEntry
 from zoo.errors import ZooError
 
 MODELS: dict[str, ModelEntry] = {
     entry.name: entry for entry in [ppca.ENTRY, expnormal.ENTRY, vae.ENTRY, cvae.ENTRY,
-                                    gmm.ENTRY]
+                                    gmm.ENTRY, fa.ENTRY]
 }
 
 
