@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from zoo.conformance import build_checked, check
 from zoo.data import Data
 from zoo.entries import cvae, expnormal, fa, gmm, ppca, vae
 from zoo.entry import ModelEntry
@@ -32,7 +33,8 @@ def get_model(name: str) -> ModelEntry:
 
 def build(entry: ModelEntry, guide: str | None, data: Data, options: dict[str, Any]
           ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Build the model and the named guide (the default when None) for ``data``."""
+    """Build the model and the named guide (the default when None) for ``data``, held to the
+    contract (:mod:`zoo.conformance`): a broken one is refused in one line."""
     guide = guide or entry.default_guide
     if guide not in entry.guides:
         raise ZooError(f"unknown guide '{guide}' for model {entry.name}; "
@@ -42,4 +44,8 @@ def build(entry: ModelEntry, guide: str | None, data: Data, options: dict[str, A
         flags = ", ".join("--" + name.replace("_", "-") for name in sorted(unknown))
         raise ZooError(f"{flags} does not apply to model {entry.name}")
     options = {**entry.options, **options}
-    return entry.build_model(data, **options), entry.guides[guide](data, **options)
+    model = build_checked(entry.build_model, f"model of {entry.name}", data, **options)
+    guide_module = build_checked(entry.guides[guide], f"guide {guide} of {entry.name}", data,
+                                 **options)
+    check(model, guide_module, entry.inputs(data, "train"))
+    return model, guide_module
