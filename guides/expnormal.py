@@ -39,7 +39,7 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 
 from zoo.contract import DISTRIBUTION
-from zoo.models.expnormal import TruncatedNormal
+from zoo.distributions import TruncatedNormal
 
 MIN_SCALE = 1e-3
 """Added to the softplus of the scale, so that q never collapses to a point."""

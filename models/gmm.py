@@ -77,10 +77,10 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
-from torch.distributions import biject_to, constraints, transform_to
-from torch.distributions.transforms import Transform
+from torch.distributions import constraints, transform_to
 
 from zoo.contract import DISCRETE_POSTERIOR, EXACT_MARGINAL
+from zoo.distributions import FlooredLowerCholesky
 from zoo.errors import ZooError
 
 COVARIANCES = ("full", "diag")
@@ -101,60 +101,12 @@ INIT_COVARIANCE_JITTER = 0.01
 INIT_ROWS = 5000
 
 
-# --- the floored Cholesky constraint ---------------------------------------------------------
-
-class _FlooredLowerCholesky(constraints.Constraint):
-    """Lower-triangular matrices whose diagonal entries all exceed ``floor``."""
-
-    event_dim = 2
-
-    def __init__(self, floor: float):
-        super().__init__()
-        self.floor = floor
-
-    def check(self, value: Tensor) -> Tensor:
-        lower = (value.tril() == value).flatten(-2).all(-1)
-        return lower & (value.diagonal(dim1=-2, dim2=-1) > self.floor).all(-1)
-
-
-class _FlooredLowerCholeskyTransform(Transform):
-    """Unconstrained square matrices A -> tril(A, -1) + diag(floor + exp(diag A))."""
-
-    domain = constraints.independent(constraints.real, 2)
-    bijective = True
-
-    def __init__(self, floor: float, cache_size: int = 0):
-        super().__init__(cache_size=cache_size)
-        self.floor = floor
-
-    @property
-    def codomain(self) -> constraints.Constraint:
-        return _FlooredLowerCholesky(self.floor)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _FlooredLowerCholeskyTransform) and other.floor == self.floor
-
-    def with_cache(self, cache_size: int = 1) -> _FlooredLowerCholeskyTransform:
-        return self if self._cache_size == cache_size else type(self)(self.floor, cache_size)
-
-    def _call(self, A: Tensor) -> Tensor:
-        return A.tril(-1) + torch.diag_embed(self.floor + A.diagonal(dim1=-2, dim2=-1).exp())
-
-    def _inverse(self, L: Tensor) -> Tensor:
-        return L.tril(-1) + torch.diag_embed((L.diagonal(dim1=-2, dim2=-1) - self.floor).log())
-
-
-for _registry in (biject_to, transform_to):
-    _registry.register(_FlooredLowerCholesky)(
-        lambda constraint: _FlooredLowerCholeskyTransform(constraint.floor))
-
-
 def scale_constraint(covariance: str) -> constraints.Constraint:
     """The constraint on a component's scale in standardized units: lower-triangular with its
     diagonal above ``SCALE_FLOOR`` (``full``, ``[K, D, D]``) or above it elementwise (``diag``,
     ``[K, D]``)."""
     if covariance == "full":
-        return _FlooredLowerCholesky(SCALE_FLOOR)
+        return FlooredLowerCholesky(SCALE_FLOOR)
     return constraints.greater_than(SCALE_FLOOR)
 
 
@@ -372,15 +324,6 @@ class GMM(PyroModule):
     def extra_repr(self) -> str:
         return (f"data_dim={self.data_dim}, components={self.components}, "
                 f"covariance={self.covariance!r}, prior={self.prior!r}")
-
-    @classmethod
-    def for_data(cls, data, *, components: int = 3, covariance: str = "full",
-                  restarts: int = 10, prior: str = "none") -> GMM:
-        """The model for a :class:`~zoo.data.Data`, initialized from its training rows with
-        ``restarts`` candidate fits (the registry's builder)."""
-        model = cls(data.data_dim, components, covariance, prior)
-        model.initialize_from_data(data.x_train, restarts=restarts)
-        return model
 
     # --- parameters in the data's units ---
 

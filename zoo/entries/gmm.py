@@ -5,9 +5,19 @@ from __future__ import annotations
 import torch
 
 from zoo import mixture_plots
+from zoo.data import Data
 from zoo.entry import ModelEntry
 from zoo.guides import gmm as guides
 from zoo.models.gmm import GMM
+
+
+def build_model(data: Data, *, components: int = 3, covariance: str = "full",
+                restarts: int = 10, prior: str = "none") -> GMM:
+    """The model for ``data``, initialized from its training rows with ``restarts`` candidate
+    fits (:meth:`~zoo.models.gmm.GMM.initialize_from_data`)."""
+    model = GMM(data.data_dim, components, covariance, prior)
+    model.initialize_from_data(data.x_train, restarts=restarts)
+    return model
 
 
 @torch.no_grad()
@@ -24,7 +34,7 @@ ENTRY = ModelEntry(
                 "exactly (enumerate, TraceEnum_ELBO) or inferred by an amortized "
                 "categorical q(z | x) (amortized); exact log-likelihood, responsibilities "
                 "and BIC",
-    build_model=GMM.for_data,
+    build_model=build_model,
     guides={"enumerate": guides.EnumerateGuide.for_data,
             "amortized": guides.AmortizedGuide.for_data},
     default_data="synthetic-gmm",

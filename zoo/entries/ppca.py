@@ -5,17 +5,55 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from torch import Tensor
 
 from zoo.data import Data
 from zoo.entry import TO_CONVERGENCE, ModelEntry, from_data
+from zoo.errors import ZooError
 from zoo.guides import ppca as guides
-from zoo.models.ppca import PPCA
+from zoo.models.ppca import PPCA, maximum_likelihood
+
+INITS = ("data", "closed-form", "closed-form-rotated")
+"""How :func:`initialize` can start the parameters (``zoo train ppca --init``)."""
+
+
+def random_rotation(latent_dim: int, generator: torch.Generator | None = None) -> Tensor:
+    """A random orthogonal ``[M, M]`` matrix, uniform (Haar) over the orthogonal group: the Q of
+    the QR decomposition of a standard Gaussian matrix, with the signs of R's diagonal moved
+    into Q so that the decomposition is unique (Mezzadri 2007). Drawn in float64."""
+    A = torch.randn(latent_dim, latent_dim, generator=generator, dtype=torch.float64)
+    Q, R = torch.linalg.qr(A)
+    return Q * R.diagonal().sign()
+
+
+@torch.no_grad()
+def initialize(model: PPCA, x: Tensor, init: str = "data") -> None:
+    """Start ``model`` from ``x: [N, D]`` as ``init`` says (one of :data:`INITS`):
+
+    - ``data``: :meth:`~zoo.models.ppca.PPCA.initialize_from_data` (small random W at the
+      data's scale);
+    - ``closed-form``: the maximum-likelihood solution, whose posterior covariance is
+      diagonal (see :mod:`zoo.models.ppca`);
+    - ``closed-form-rotated``: the maximum-likelihood W times a random rotation R (drawn
+      from torch's global generator, which zoo seeds with the run's seed): the same
+      likelihood, a correlated posterior.
+    """
+    if init not in INITS:
+        raise ZooError(f"unknown --init '{init}' for ppca; choose one of: {', '.join(INITS)}")
+    if init == "data":
+        model.initialize_from_data(x)
+        return
+    W, b, sigma = maximum_likelihood(x, model.latent_dim)
+    model.record_scale(x)
+    if init == "closed-form-rotated":
+        W = W @ random_rotation(model.latent_dim).to(W)
+    model.set_parameters(W, b, sigma)
 
 
 def build_model(data: Data, *, latent_dim: int, init: str) -> PPCA:
-    """PPCA(D, latent_dim) started as ``init`` says (:meth:`~zoo.models.ppca.PPCA.initialize`)."""
+    """PPCA(D, latent_dim) started as ``init`` says (:func:`initialize`)."""
     model = PPCA(data.data_dim, latent_dim)
-    model.initialize(data.x_train, init)
+    initialize(model, data.x_train, init)
     return model
 
 
