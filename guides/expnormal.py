@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import pyro
 import pyro.distributions as dist
-import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
+from zoo import standardize
 from zoo.contract import DISTRIBUTION
 from zoo.distributions import TruncatedNormal
 
@@ -56,19 +56,16 @@ class _EncoderGuide(PyroModule):
         self.data_dim = data_dim
         self.recognition_net = PyroModule[nn.Sequential](
             nn.Linear(data_dim, hidden_dim), nn.Softplus(), nn.Linear(hidden_dim, 2))
-        self.register_buffer("shift", torch.zeros(data_dim))
-        self.register_buffer("scale_in", torch.ones(data_dim))
+        standardize.add_buffers(self, data_dim)
 
     def initialize_from_data(self, x: Tensor) -> None:
         """Standardize the encoder's input with the mean and standard deviation of ``x: [N, 1]``
         (a constant column keeps scale 1)."""
-        std = x.std(0)
-        self.shift.copy_(x.mean(0))
-        self.scale_in.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+        standardize.fit(self, x)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mu(x), s(x)), each ``[N, 1]``."""
-        out = self.recognition_net((x - self.shift) / self.scale_in)
+        out = self.recognition_net(standardize.standardized(self, x))
         return out[..., :1], nn.functional.softplus(out[..., 1:]) + MIN_SCALE
 
     def forward(self, x: Tensor) -> None:

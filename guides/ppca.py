@@ -30,6 +30,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
 from torch.distributions import constraints
 
+from zoo import standardize
 from zoo.contract import DISTRIBUTION
 from zoo.models.ppca import PPCA, check_dims, posterior_parameters
 
@@ -47,19 +48,16 @@ class _AffineGaussianGuide(PyroModule):
         self.data_dim = data_dim
         self.latent_dim = latent_dim
         self.encoder = PyroModule[nn.Linear](data_dim, latent_dim)
-        self.register_buffer("shift", torch.zeros(data_dim))
-        self.register_buffer("scale_in", torch.ones(data_dim))
+        standardize.add_buffers(self, data_dim)
 
     def initialize_from_data(self, x: Tensor) -> None:
         """Standardize the encoder's input with the column means and standard deviations of
         ``x: [N, D]`` (constant columns keep scale 1)."""
-        std = x.std(0)
-        self.shift.copy_(x.mean(0))
-        self.scale_in.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+        standardize.fit(self, x)
 
     def loc(self, x: Tensor) -> Tensor:
         """The mean A x + c of q(z | x), ``[N, M]``."""
-        return self.encoder((x - self.shift) / self.scale_in)
+        return self.encoder(standardize.standardized(self, x))
 
     def forward(self, x: Tensor) -> None:
         with pyro.plate("data", x.shape[0]):

@@ -79,6 +79,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
 from torch.distributions import constraints, transform_to
 
+from zoo import standardize
 from zoo.contract import DISCRETE_POSTERIOR, EXACT_MARGINAL
 from zoo.distributions import FlooredLowerCholesky
 from zoo.errors import ZooError
@@ -317,8 +318,7 @@ class GMM(PyroModule):
         self.locs = nn.Parameter(torch.zeros(K, D))
         identity = torch.eye(D).expand(K, D, D) if covariance == "full" else torch.ones(K, D)
         self.scales = PyroParam(identity.clone(), constraint=scale_constraint(covariance))
-        self.register_buffer("shift", torch.zeros(D))
-        self.register_buffer("scale_in", torch.ones(D))
+        standardize.add_buffers(self, D)
         self.register_buffer("num_data", torch.tensor(1))
 
     def extra_repr(self) -> str:
@@ -424,8 +424,7 @@ class GMM(PyroModule):
         if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
             raise ZooError(f"--restarts must be a positive integer; got {restarts!r}")
         check_training_table(check_table(x, self.data_dim), self.components)
-        self.shift.copy_(x.mean(0))
-        self.scale_in.copy_(x.std(0))
+        standardize.fit(self, x)          # no constant column: checked above
         self.num_data.fill_(x.shape[0])
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
@@ -502,7 +501,7 @@ class GMM(PyroModule):
 
     def component_log_prob(self, x: Tensor) -> Tensor:
         """log N(x_n | mu_k, Sigma_k), ``[N, K]``."""
-        u = (self._check(x) - self.shift) / self.scale_in
+        u = standardize.standardized(self, self._check(x))
         return standardized_log_prob(u, self.locs, self.scales) - self.scale_in.log().sum()
 
     def joint_log_prob(self, x: Tensor) -> Tensor:
