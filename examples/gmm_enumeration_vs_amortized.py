@@ -44,7 +44,9 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.mixture import GaussianMixture
 
 from zoo import mixture_plots, plots
+from zoo.contract import DISCRETE_POSTERIOR, offers
 from zoo.data import load_data
+from zoo.evaluate import discrete_metrics
 from zoo.experiment import Experiment, build_experiment, make_config
 from zoo.guides.gmm import EnumerateGuide
 from zoo.objectives import make_objective
@@ -141,9 +143,9 @@ def run_route(route: str, args: argparse.Namespace, em_log_likelihood: float
     within = [row["exact"] >= em_log_likelihood - TOLERANCE for row in curve]
     settled = next((i for i in range(len(curve)) if all(within[i:])), None)
     with torch.no_grad():
-        train = model.metrics(guide, x)
-        test = None if experiment.data.x_test is None else model.metrics(guide,
-                                                                         experiment.data.x_test)
+        train = {**discrete_metrics(model, guide, x), "bic": model.bic(x)}
+        test = (None if experiment.data.x_test is None
+                else discrete_metrics(model, guide, experiment.data.x_test))
     return {
         "objective": experiment.config["objective"]["name"],
         "log_likelihood_train": train["log_likelihood"],
@@ -222,7 +224,7 @@ def _plot(results: dict[str, Any], experiments: dict[str, Experiment], em: dict[
     panels = [("em", em["weights"], em["means"], em["covariances"], em["responsibilities"])]
     for route, experiment in experiments.items():
         model, guide = experiment.model, experiment.guide
-        responsibilities = (guide.responsibilities(x) if hasattr(guide, "responsibilities")
+        responsibilities = (guide.responsibilities(x) if offers(guide, DISCRETE_POSTERIOR)
                             else model.responsibilities(x))
         panels.append((route, model.weights, model.means, model.covariances, responsibilities))
     reference = experiments["enumerate"].model.means

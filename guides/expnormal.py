@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import pyro
 import pyro.distributions as dist
-import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
-from zoo.models.expnormal import TruncatedNormal
+from zoo import standardize
+from zoo.contract import DISTRIBUTION
+from zoo.distributions import TruncatedNormal
 
 MIN_SCALE = 1e-3
 """Added to the softplus of the scale, so that q never collapses to a point."""
@@ -48,24 +49,23 @@ class _EncoderGuide(PyroModule):
     """What both guides share: ``recognition_net`` from standardized x to (mu, s), and the site
     ``"z"`` in the plate ``"data"``. Subclasses turn (mu, s) into q in ``distribution``."""
 
+    offers = frozenset({DISTRIBUTION})
+
     def __init__(self, data_dim: int = 1, hidden_dim: int = 32):
         super().__init__()
         self.data_dim = data_dim
         self.recognition_net = PyroModule[nn.Sequential](
             nn.Linear(data_dim, hidden_dim), nn.Softplus(), nn.Linear(hidden_dim, 2))
-        self.register_buffer("shift", torch.zeros(data_dim))
-        self.register_buffer("scale_in", torch.ones(data_dim))
+        standardize.add_buffers(self, data_dim)
 
     def initialize_from_data(self, x: Tensor) -> None:
         """Standardize the encoder's input with the mean and standard deviation of ``x: [N, 1]``
         (a constant column keeps scale 1)."""
-        std = x.std(0)
-        self.shift.copy_(x.mean(0))
-        self.scale_in.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+        standardize.fit(self, x)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mu(x), s(x)), each ``[N, 1]``."""
-        out = self.recognition_net((x - self.shift) / self.scale_in)
+        out = self.recognition_net(standardize.standardized(self, x))
         return out[..., :1], nn.functional.softplus(out[..., 1:]) + MIN_SCALE
 
     def forward(self, x: Tensor) -> None:

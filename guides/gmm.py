@@ -52,6 +52,8 @@ from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.runtime import _PYRO_STACK, get_plates
 from torch import Tensor, nn
 
+from zoo import standardize
+from zoo.contract import DISCRETE_POSTERIOR, ENUMERATED
 from zoo.errors import ZooError
 from zoo.models.gmm import GMM, check_options, check_table
 
@@ -59,6 +61,8 @@ from zoo.models.gmm import GMM, check_options, check_table
 class EnumerateGuide(PyroModule):
     """The guide of the exact route: no latent sites (z is enumerated in the model) and no
     parameters (the mixture's parameters are point estimates, held by the model)."""
+
+    offers = frozenset({ENUMERATED})
 
     def __init__(self, data_dim: int, components: int = 3):
         super().__init__()
@@ -112,6 +116,8 @@ class AmortizedGuide(PyroModule):
     ``scale_in`` ``[D]`` standardize the input.
     """
 
+    offers = frozenset({DISCRETE_POSTERIOR})
+
     def __init__(self, data_dim: int, components: int = 3):
         super().__init__()
         check_options(components, "full")
@@ -122,8 +128,7 @@ class AmortizedGuide(PyroModule):
         for layer in (self.encoder, self.baseline_net):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        self.register_buffer("shift", torch.zeros(data_dim))
-        self.register_buffer("scale_in", torch.ones(data_dim))
+        standardize.add_buffers(self, data_dim)
 
     def extra_repr(self) -> str:
         return f"data_dim={self.data_dim}, components={self.components}"
@@ -141,13 +146,11 @@ class AmortizedGuide(PyroModule):
         """Standardize the encoder's input with the column means and standard deviations of
         ``x: [N, D]`` (constant columns keep scale 1)."""
         check_table(x, self.data_dim)
-        std = x.std(0) if x.shape[0] > 1 else torch.ones_like(x[0])
-        self.shift.copy_(x.mean(0))
-        self.scale_in.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+        standardize.fit(self, x)
 
     def features(self, x: Tensor) -> Tensor:
         """phi((x - shift) / scale_in), ``[N, F]``."""
-        return quadratic_features((check_table(x, self.data_dim) - self.shift) / self.scale_in)
+        return quadratic_features(standardize.standardized(self, check_table(x, self.data_dim)))
 
     def log_responsibilities(self, x: Tensor) -> Tensor:
         """log q(z_n = k | x_n), ``[N, K]``."""

@@ -33,6 +33,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
 from torch.distributions import constraints
 
+from zoo.contract import DISTRIBUTION
 from zoo.models.ppca import PPCA, check_dims, posterior_parameters
 
 WHITENING_JITTER = 1e-4
@@ -40,9 +41,11 @@ WHITENING_JITTER = 1e-4
 
 
 class _AffineGaussianGuide(PyroModule):
-    """What both guides share: the affine encoder x -> A x + c on standardized inputs, the site
+    """What both guides share: the affine encoder x -> A x + c on whitened inputs, the site
     ``"z"`` in the plate ``"data"``, and how to set A and c in raw units. Subclasses give the
     covariance in ``distribution``."""
+
+    offers = frozenset({DISTRIBUTION})
 
     def __init__(self, data_dim: int, latent_dim: int):
         super().__init__()

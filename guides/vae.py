@@ -28,6 +28,7 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 from torch.nn.functional import softplus
 
+from zoo.contract import DISTRIBUTION
 from zoo.data import Data
 from zoo.models.vae import (
     ACTIVATIONS,
@@ -83,6 +84,8 @@ class Encoder(nn.Module):
 class MeanFieldGuide(PyroModule):
     """q(z_n | x_n) = N(mu(x_n), diag sigma(x_n)^2) with the encoder ``recognition_net``;
     ``hidden_dims`` None takes the sizes of :func:`zoo.models.vae.default_sizes`."""
+
+    offers = frozenset({DISTRIBUTION})
 
     def __init__(self, data_dim: int, latent_dim: int, architecture: str = "mlp", *,
                  hidden_dims: Sequence[int] | None = None, activation: str | None = None,

@@ -28,7 +28,7 @@ point (or a lower-dimensional subspace) drives it to infinity. Every diagonal en
 the floor bounds every conditional variance below by 1e-6 times the column's variance, much
 as scikit-learn's ``reg_covar`` = 1e-6 does, and keeps log N(x | mu_k, Sigma_k) bounded. When
 a component's factor sits at the floor a warning says so (``warn_if_floor_binds``: after the
-initialization, in ``metrics``, and in the components figure drawn after training).
+initialization, in ``zoo evaluate``, and in the components figure drawn after training).
 
 Exact marginal and posterior. With a_nk = log pi_k + log N(x_n | mu_k, Sigma_k) (``joint_log_prob``,
 ``[N, K]``), summing z out gives
@@ -77,9 +77,11 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
-from torch.distributions import biject_to, constraints, transform_to
-from torch.distributions.transforms import Transform
+from torch.distributions import constraints, transform_to
 
+from zoo import standardize
+from zoo.contract import DISCRETE_POSTERIOR, EXACT_MARGINAL
+from zoo.distributions import FlooredLowerCholesky
 from zoo.errors import ZooError
 from zoo.optimize import minimize
 
@@ -101,60 +103,12 @@ INIT_COVARIANCE_JITTER = 0.01
 INIT_ROWS = 5000
 
 
-# --- the floored Cholesky constraint ---------------------------------------------------------
-
-class _FlooredLowerCholesky(constraints.Constraint):
-    """Lower-triangular matrices whose diagonal entries all exceed ``floor``."""
-
-    event_dim = 2
-
-    def __init__(self, floor: float):
-        super().__init__()
-        self.floor = floor
-
-    def check(self, value: Tensor) -> Tensor:
-        lower = (value.tril() == value).flatten(-2).all(-1)
-        return lower & (value.diagonal(dim1=-2, dim2=-1) > self.floor).all(-1)
-
-
-class _FlooredLowerCholeskyTransform(Transform):
-    """Unconstrained square matrices A -> tril(A, -1) + diag(floor + exp(diag A))."""
-
-    domain = constraints.independent(constraints.real, 2)
-    bijective = True
-
-    def __init__(self, floor: float, cache_size: int = 0):
-        super().__init__(cache_size=cache_size)
-        self.floor = floor
-
-    @property
-    def codomain(self) -> constraints.Constraint:
-        return _FlooredLowerCholesky(self.floor)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _FlooredLowerCholeskyTransform) and other.floor == self.floor
-
-    def with_cache(self, cache_size: int = 1) -> _FlooredLowerCholeskyTransform:
-        return self if self._cache_size == cache_size else type(self)(self.floor, cache_size)
-
-    def _call(self, A: Tensor) -> Tensor:
-        return A.tril(-1) + torch.diag_embed(self.floor + A.diagonal(dim1=-2, dim2=-1).exp())
-
-    def _inverse(self, L: Tensor) -> Tensor:
-        return L.tril(-1) + torch.diag_embed((L.diagonal(dim1=-2, dim2=-1) - self.floor).log())
-
-
-for _registry in (biject_to, transform_to):
-    _registry.register(_FlooredLowerCholesky)(
-        lambda constraint: _FlooredLowerCholeskyTransform(constraint.floor))
-
-
 def scale_constraint(covariance: str) -> constraints.Constraint:
     """The constraint on a component's scale in standardized units: lower-triangular with its
     diagonal above ``SCALE_FLOOR`` (``full``, ``[K, D, D]``) or above it elementwise (``diag``,
     ``[K, D]``)."""
     if covariance == "full":
-        return _FlooredLowerCholesky(SCALE_FLOOR)
+        return FlooredLowerCholesky(SCALE_FLOOR)
     return constraints.greater_than(SCALE_FLOOR)
 
 
@@ -346,6 +300,8 @@ class GMM(PyroModule):
     ``prior="weak"`` a factor ``"prior"`` outside it.
     """
 
+    offers = frozenset({EXACT_MARGINAL, DISCRETE_POSTERIOR})
+
     def __init__(self, data_dim: int, components: int = 3, covariance: str = "full",
                  prior: str = "none"):
         super().__init__()
@@ -359,22 +315,12 @@ class GMM(PyroModule):
         self.locs = nn.Parameter(torch.zeros(K, D))
         identity = torch.eye(D).expand(K, D, D) if covariance == "full" else torch.ones(K, D)
         self.scales = PyroParam(identity.clone(), constraint=scale_constraint(covariance))
-        self.register_buffer("shift", torch.zeros(D))
-        self.register_buffer("scale_in", torch.ones(D))
+        standardize.add_buffers(self, D)
         self.register_buffer("num_data", torch.tensor(1))
 
     def extra_repr(self) -> str:
         return (f"data_dim={self.data_dim}, components={self.components}, "
                 f"covariance={self.covariance!r}, prior={self.prior!r}")
-
-    @classmethod
-    def for_data(cls, data, *, components: int = 3, covariance: str = "full",
-                  restarts: int = 10, prior: str = "none") -> GMM:
-        """The model for a :class:`~zoo.data.Data`, initialized from its training rows with
-        ``restarts`` candidate fits (the registry's builder)."""
-        model = cls(data.data_dim, components, covariance, prior)
-        model.initialize_from_data(data.x_train, restarts=restarts)
-        return model
 
     # --- parameters in the data's units ---
 
@@ -475,8 +421,7 @@ class GMM(PyroModule):
         if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
             raise ZooError(f"--restarts must be a positive integer; got {restarts!r}")
         check_training_table(check_table(x, self.data_dim), self.components)
-        self.shift.copy_(x.mean(0))
-        self.scale_in.copy_(x.std(0))
+        standardize.fit(self, x)          # no constant column: checked above
         self.num_data.fill_(x.shape[0])
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
@@ -553,7 +498,7 @@ class GMM(PyroModule):
 
     def component_log_prob(self, x: Tensor) -> Tensor:
         """log N(x_n | mu_k, Sigma_k), ``[N, K]``."""
-        u = (self._check(x) - self.shift) / self.scale_in
+        u = standardize.standardized(self, self._check(x))
         return standardized_log_prob(u, self.locs, self.scales) - self.scale_in.log().sum()
 
     def joint_log_prob(self, x: Tensor) -> Tensor:
@@ -582,30 +527,3 @@ class GMM(PyroModule):
         the same definition as scikit-learn's ``GaussianMixture.bic``)."""
         p = num_parameters(self.components, self.data_dim, self.covariance)
         return float(-2 * self.marginal_log_prob(x).sum() + p * math.log(x.shape[0]))
-
-    @torch.no_grad()
-    def metrics(self, guide, x: Tensor) -> dict[str, float]:
-        """Exact per-data-point metrics, used by :func:`zoo.evaluate.evaluate`.
-
-        ``log_likelihood``: mean_n log p(x_n). ``elbo``: mean_n E_q[log p(x_n, z) -
-        log q(z | x_n)], summed over the K values of z; a guide without
-        ``log_responsibilities`` (enumeration) has q = p(z | x) and ELBO = log-likelihood,
-        an amortized one has ELBO = log p(x_n) - KL(q || p). ``responsibility_kl``: mean_n
-        KL(q(z | x_n) || p(z | x_n)), for a guide that exposes q. ``bic``: of the whole ``x``
-        (not per point). The prior, if any, is left out of every metric. Warns when the
-        variance floor binds.
-        """
-        self.warn_if_floor_binds()
-        a = self.joint_log_prob(x)                                       # [N, K]
-        log_px = torch.logsumexp(a, -1)
-        result = {"log_likelihood": log_px.mean().item()}
-        if hasattr(guide, "log_responsibilities"):
-            log_q = guide.log_responsibilities(x)
-            q = log_q.exp()
-            kl = torch.where(q > 0, q * (log_q - (a - log_px[:, None])), 0.0).sum(-1)
-            result["elbo"] = (log_px - kl).mean().item()
-            result["responsibility_kl"] = kl.mean().item()
-        else:
-            result["elbo"] = result["log_likelihood"]
-        result["bic"] = self.bic(x)
-        return result

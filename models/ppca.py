@@ -65,6 +65,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
 from torch.distributions import constraints
 
+from zoo.contract import EXACT_MARGINAL, EXACT_POSTERIOR, MAXIMUM_LIKELIHOOD
 from zoo.errors import ZooError
 
 
@@ -160,19 +161,6 @@ def maximum_likelihood(x: Tensor, latent_dim: int) -> tuple[Tensor, Tensor, Tens
     return W.to(dtype), b.to(dtype), sigma2.sqrt().to(dtype)
 
 
-INITS = ("data", "closed-form", "closed-form-rotated")
-"""How :meth:`PPCA.initialize` can start the parameters (``zoo train ppca --init``)."""
-
-
-def random_rotation(latent_dim: int, generator: torch.Generator | None = None) -> Tensor:
-    """A random orthogonal ``[M, M]`` matrix, uniform (Haar) over the orthogonal group: the Q of
-    the QR decomposition of a standard Gaussian matrix, with the signs of R's diagonal moved
-    into Q so that the decomposition is unique (Mezzadri 2007). Drawn in float64."""
-    A = torch.randn(latent_dim, latent_dim, generator=generator, dtype=torch.float64)
-    Q, R = torch.linalg.qr(A)
-    return Q * R.diagonal().sign()
-
-
 class PPCA(PyroModule):
     """Probabilistic PCA as a Pyro model with parameters ``W: [D, M]``, ``b: [D]``, ``sigma``.
 
@@ -185,11 +173,14 @@ class PPCA(PyroModule):
     ``sigma`` is a constrained parameter: the state dict holds ``sigma_unconstrained`` (its log);
     reading ``model.sigma`` gives the positive value, and ``model.sigma = tensor`` sets it.
 
-    ``W`` and ``b`` are in the units of the data: ``initialize`` records the data's scale s (the
-    root mean column variance) and ``step_scales`` asks the training engine to step them in
-    units of s (:class:`zoo.optimize.StepScaled`), so one learning rate fits tables of any scale.
+    ``W`` and ``b`` are in the units of the data: ``record_scale`` (called by the
+    initializations) records the data's scale s (the root mean column variance) and
+    ``step_scales`` asks the training engine to step them in units of s
+    (:class:`zoo.optimize.StepScaled`), so one learning rate fits tables of any scale.
     ``log sigma`` needs no scale.
     """
+
+    offers = frozenset({EXACT_MARGINAL, EXACT_POSTERIOR, MAXIMUM_LIKELIHOOD})
 
     def __init__(self, data_dim: int, latent_dim: int):
         super().__init__()
@@ -246,38 +237,16 @@ class PPCA(PyroModule):
             warnings.warn(f"the data's column standard deviations differ by a factor of "
                           f"{spread:.0f}; PPCA's noise is isotropic, so it will mostly fit the "
                           f"largest columns. Consider --standardize.", stacklevel=2)
-        s = x.new_tensor(self._record_scale(x))
+        s = x.new_tensor(self.record_scale(x))
         W = 0.1 * s * torch.randn(self.W.shape, dtype=self.W.dtype, device=self.W.device)
         self.set_parameters(W=W, b=x.mean(0), sigma=0.5 * s)
 
-    def _record_scale(self, x: Tensor) -> float:
-        """Record and return the data's scale s, the root mean column variance of ``x``
-        (1 for constant data)."""
+    def record_scale(self, x: Tensor) -> float:
+        """Record (in ``data_scale``) and return the data's scale s, the root mean column
+        variance of ``x`` (1 for constant data)."""
         s = x.var(0, unbiased=False).mean().sqrt().item() if x.shape[0] > 1 else 0.0
         self.data_scale = s if s > 0 else 1.0
         return self.data_scale
-
-    @torch.no_grad()
-    def initialize(self, x: Tensor, init: str = "data") -> None:
-        """Start from ``x: [N, D]`` as ``init`` says (one of :data:`INITS`):
-
-        - ``data``: :meth:`initialize_from_data` (small random W at the data's scale);
-        - ``closed-form``: the maximum-likelihood solution, whose posterior covariance is
-          diagonal (see the module docstring);
-        - ``closed-form-rotated``: the maximum-likelihood W times a random rotation R (drawn
-          from torch's global generator, which zoo seeds with the run's seed): the same
-          likelihood, a correlated posterior.
-        """
-        if init not in INITS:
-            raise ZooError(f"unknown --init '{init}' for ppca; choose one of: {', '.join(INITS)}")
-        if init == "data":
-            self.initialize_from_data(x)
-            return
-        W, b, sigma = maximum_likelihood(self._check(x), self.latent_dim)
-        self._record_scale(x)
-        if init == "closed-form-rotated":
-            W = W @ random_rotation(self.latent_dim).to(W)
-        self.set_parameters(W, b, sigma)
 
     def forward(self, x: Tensor) -> None:
         """p(x, z) = prod_n N(z_n | 0, I_M) N(x_n | W z_n + b, sigma^2 I_D), ``x: [N, D]``."""

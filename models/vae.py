@@ -55,6 +55,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
 from torch.distributions import constraints
 
+from zoo.contract import DECODER
 from zoo.data import Data
 from zoo.errors import ZooError
 
@@ -182,6 +183,8 @@ class VAE(PyroModule):
     inputs are appended to z (the one-hot label of the CVAE, :mod:`zoo.models.cvae`); 0 for
     the plain VAE.
     """
+
+    offers = frozenset({DECODER})
 
     def __init__(self, data_dim: int, latent_dim: int, likelihood: str = "bernoulli",
                  architecture: str = "mlp", *, hidden_dims: Sequence[int] | None = None,

@@ -31,10 +31,11 @@ from zoo.diagnostics import (
     simulation_based_calibration,
     summarize,
 )
+from zoo.entries.ppca import INITS, initialize, random_rotation
 from zoo.errors import ZooError
 from zoo.evaluate import log_likelihood
 from zoo.guides.ppca import FullGuide, MeanFieldGuide
-from zoo.models.ppca import INITS, PPCA, maximum_likelihood, random_rotation
+from zoo.models.ppca import PPCA, maximum_likelihood
 from zoo.objectives import log_weights, make_objective
 from zoo.registry import build, get_model
 from zoo.report import format_value
@@ -283,7 +284,7 @@ def train_guide(Guide, data, model):
 def test_trained_guides_reach_their_closed_form_optima():
     data = load_data("synthetic-ppca")
     model = PPCA(data.data_dim, 2)
-    model.initialize(data.x_train, "closed-form-rotated")
+    initialize(model, data.x_train, "closed-form-rotated")
     x = data.x_test[:10]
     full = diagnose(model, train_guide(FullGuide, data, model), x, settings=SMALL).summary
     assert full["posterior_kl"] < 0.01 and full["khat_max"] < 0.5
@@ -300,14 +301,14 @@ def test_ppca_initializations():
     data = load_data("synthetic-ppca")
     x = data.x_train
     model = PPCA(10, 2)
-    model.initialize(x, "closed-form")
+    initialize(model, x, "closed-form")
     W, b, sigma = maximum_likelihood(x, 2)
     torch.testing.assert_close(model.W.detach(), W)
     torch.testing.assert_close(model.sigma.detach(), sigma)
     covariance = model.posterior(x[:1]).covariance_matrix[0].detach()
     assert covariance[0, 1].abs() < 1e-6                   # R = I: a diagonal posterior
     rotated = PPCA(10, 2)
-    rotated.initialize(x, "closed-form-rotated")
+    initialize(rotated, x, "closed-form-rotated")
     torch.testing.assert_close(rotated.marginal_log_prob(x), model.marginal_log_prob(x),
                                atol=0, rtol=1e-5)
     covariance = rotated.posterior(x[:1]).covariance_matrix[0].detach()
@@ -315,7 +316,7 @@ def test_ppca_initializations():
     R = random_rotation(4)
     torch.testing.assert_close(R @ R.T, torch.eye(4, dtype=f64))
     with pytest.raises(ZooError, match=f"choose one of: {', '.join(INITS)}"):
-        model.initialize(x, "pca")
+        initialize(model, x, "pca")
 
 
 # --- zoo diagnose -------------------------------------------------------------------------------

@@ -11,13 +11,11 @@ ESS_n = (sum_k w_kn)^2 / sum_k w_kn^2, tells how well q covers the posterior (K 
 :func:`average_loss` is an objective's loss per data point over a data set, as training
 reports it for the test set and for its convergence check.
 
-A model exposes its ground truth by duck typing (the methods are optional):
-``model.marginal_log_prob(x) -> [N]`` (exact log p(x)), ``model.posterior(x)`` (exact p(z | x) as
-a distribution), ``model.maximum_likelihood(x)`` (a copy at the closed-form optimum);
-a guide exposes ``guide.distribution(x)`` (q(z | x) as a distribution). A model whose latent
-variables are not all local and continuous (a mixture with enumerated assignments) supplies
-its own per-data-point metrics instead of importance sampling, as
-``model.metrics(guide, *data) -> dict``.
+A model and its guide declare the ground truth they offer (:mod:`zoo.contract`): an exact
+marginal ``marginal_log_prob(x) -> [N]``, an exact posterior ``posterior(x)``, a closed-form
+maximum-likelihood solution ``maximum_likelihood(x)``, and a guide q(z | x) as a distribution
+``guide.distribution(x)``. A model with a discrete posterior (a mixture with enumerated
+assignments) is evaluated exactly by :func:`discrete_metrics` instead of importance sampling.
 """
 
 from __future__ import annotations
@@ -32,6 +30,14 @@ import torch
 from torch.distributions import kl_divergence
 
 from zoo import distributed
+from zoo.contract import (
+    DISCRETE_POSTERIOR,
+    DISTRIBUTION,
+    EXACT_MARGINAL,
+    EXACT_POSTERIOR,
+    MAXIMUM_LIKELIHOOD,
+    offers,
+)
 from zoo.errors import ZooError
 from zoo.objectives import as_multivariate, log_weights
 from zoo.progress import progress_bar
@@ -175,23 +181,46 @@ def evaluate(model, guide, *data: torch.Tensor, num_samples: int = 1000,
     ``desc`` when it lasts, unless ``quiet``.
     """
     x = data[0]
-    if hasattr(model, "metrics"):
-        metrics = dict(model.metrics(guide, *data))
+    if offers(model, DISCRETE_POSTERIOR):
+        metrics = discrete_metrics(model, guide, x)
     else:
         estimate = log_likelihood(model, guide, *data, num_samples=num_samples, seed=seed,
                                   quiet=quiet, desc=desc)
         metrics = {"elbo": estimate.elbo.mean().item(),
                    "log_likelihood": estimate.log_likelihood.mean().item(),
                    "ess": estimate.ess.mean().item()}
-    if hasattr(guide, "distribution"):
+    if offers(guide, DISTRIBUTION):
         metrics["active_units"] = active_units(guide.distribution(*data).mean)
-    if hasattr(model, "marginal_log_prob"):
+    if offers(model, EXACT_MARGINAL):
         metrics["exact_log_likelihood"] = model.marginal_log_prob(x).mean().item()
-    if hasattr(model, "maximum_likelihood") and train_x is not None:
+    if offers(model, MAXIMUM_LIKELIHOOD) and train_x is not None:
         optimum = model.maximum_likelihood(train_x)
         metrics["mle_log_likelihood"] = optimum.marginal_log_prob(x).mean().item()
-    if hasattr(model, "posterior") and hasattr(guide, "distribution"):
+    if offers(model, EXACT_POSTERIOR) and offers(guide, DISTRIBUTION):
         kl = kl_divergence(as_multivariate(guide.distribution(x)),
                            as_multivariate(model.posterior(x)))
         metrics["posterior_kl"] = kl.mean().item()
     return metrics
+
+
+@torch.no_grad()
+def discrete_metrics(model, guide, x: torch.Tensor) -> dict[str, float]:
+    """Exact per-data-point metrics of a model with a discrete posterior and an exact marginal.
+
+    ``log_likelihood``: mean_n log p(x_n). ``elbo``: mean_n E_q[log p(x_n, z) - log q(z | x_n)],
+    summed over the K values of z, which is log p(x_n) - KL(q(z | x_n) || p(z | x_n)); a guide
+    without responsibilities of its own (enumeration) has q = p(z | x) and ELBO =
+    log-likelihood. ``responsibility_kl``: mean_n KL(q(z | x_n) || p(z | x_n)), for a guide that
+    offers its responsibilities. ``x: [N, D]``.
+    """
+    log_px = model.marginal_log_prob(x)                                   # [N]
+    result = {"log_likelihood": log_px.mean().item()}
+    if offers(guide, DISCRETE_POSTERIOR):
+        log_q = guide.log_responsibilities(x)                             # [N, K]
+        q = log_q.exp()
+        kl = torch.where(q > 0, q * (log_q - model.log_responsibilities(x)), 0.0).sum(-1)
+        result["elbo"] = (log_px - kl).mean().item()
+        result["responsibility_kl"] = kl.mean().item()
+    else:
+        result["elbo"] = result["log_likelihood"]
+    return result

@@ -24,6 +24,7 @@ import torch
 
 import zoo
 from zoo import distributed, plots, runs
+from zoo.contract import DISTRIBUTION, EXACT_POSTERIOR, MAXIMUM_LIKELIHOOD, offers
 from zoo.convergence import converged, convergence
 from zoo.data import Data, binarize, load_data
 from zoo.errors import ZooError
@@ -305,7 +306,7 @@ def _plot_loss(experiment: Experiment, path: Path) -> Path:
     the model has one."""
     model, x = experiment.model, experiment.data.x_train
     reference = None
-    if hasattr(model, "maximum_likelihood"):
+    if offers(model, MAXIMUM_LIKELIHOOD):
         reference = -model.maximum_likelihood(x).marginal_log_prob(x).mean().item()
     return plots.plot_training(experiment.history, path, reference=reference,
                                reference_label="closed-form optimum")
@@ -329,7 +330,7 @@ def plot_kinds(experiment: Experiment) -> dict[str, Any]:
     posterior and the guide exposes q with at least two dimensions, then ``loss``."""
     model, guide = experiment.model, experiment.guide
     kinds = dict(experiment.entry.plots)
-    if hasattr(model, "posterior") and hasattr(guide, "distribution"):
+    if offers(model, EXACT_POSTERIOR) and offers(guide, DISTRIBUTION):
         points = experiment.data.x_train[:POSTERIOR_POINTS]
         if guide.distribution(points).event_shape[-1:] >= (2,):
             kinds["posterior"] = _plot_posterior
@@ -404,6 +405,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, num_samples: int = 1000,
                                      seed=experiment.settings.seed,
                                      quiet=quiet or not distributed.is_main(),
                                      desc=f"evaluating the {split} split")
+            if experiment.entry.metrics is not None:
+                result[split].update(experiment.entry.metrics(model, inputs[0].to(where)))
     return result
 
 

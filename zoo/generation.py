@@ -41,6 +41,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from zoo import runs
+from zoo.contract import DECODER, offers
 from zoo.errors import ZooError
 from zoo.evaluate import ACTIVE_UNIT_THRESHOLD, active_units
 from zoo.plots import save_figure
@@ -423,7 +424,7 @@ def sample_run(run_dir: str | os.PathLike, *, num_samples: int = NUM_SAMPLES,
         raise ZooError(f"{path} is a figure of the training run; choose another --out, or "
                        f"leave --out out for a new file in {Path(run_dir) / SAMPLES}")
     experiment = load_run(run_dir)
-    if not hasattr(experiment.model, "mean"):
+    if not offers(experiment.model, DECODER):
         raise ZooError(f"zoo sample draws from generative models with a decoder (vae, cvae); "
                        f"{experiment.entry.name} has none")
     check_memory(num_samples * experiment.data.data_dim, f"{num_samples} samples x D "

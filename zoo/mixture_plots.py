@@ -18,6 +18,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from zoo.contract import DISCRETE_POSTERIOR, offers
 from zoo.plots import covariance_ellipse, save_figure
 
 
@@ -118,7 +119,7 @@ def plot_run_components(experiment, path: str | Path) -> Path:
     model.warn_if_floor_binds()
     weights, means, covariances = model.weights, model.means, model.covariances
     name = f"gmm, K = {model.components}, {model.covariance} covariances"
-    if x.shape[1] == 1 or not hasattr(guide, "responsibilities"):
+    if x.shape[1] == 1 or not offers(guide, DISCRETE_POSTERIOR):
         return plot_components(x, model.responsibilities(x), weights, means, covariances, path,
                                title=f"{name}: exact responsibilities")
     figure = Figure(figsize=(11, 5), layout="constrained")

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical, kl_divergence
 
+from zoo.contract import DISCRETE_POSTERIOR, DISTRIBUTION, EXACT_MARGINAL, offers
 from zoo.diagnostics.calibration import Calibration, simulation_based_calibration
 from zoo.diagnostics.distances import moment_errors, posterior_kl
 from zoo.diagnostics.gaps import Gaps, amortization_gaps
@@ -48,7 +49,7 @@ def diagnose(model, guide, *inputs: Tensor, points: Tensor | None = None,
     InferenceData. Draws from torch's global generator: seed it first for reproducible
     numbers."""
     points = torch.arange(inputs[0].shape[0]) if points is None else points
-    if hasattr(model, "responsibilities"):
+    if offers(model, DISCRETE_POSTERIOR):
         return _diagnose_mixture(model, guide, *inputs, points=points, settings=settings)
     with progress_bar(len(STAGES), "diagnostics", quiet=settings.quiet, unit="stage") as stages:
         stages.set_postfix_str(STAGES[0])
@@ -57,7 +58,7 @@ def diagnose(model, guide, *inputs: Tensor, points: Tensor | None = None,
         stages.update(), stages.set_postfix_str(STAGES[1])
         reference = reference_posterior(model, *inputs, draws=draws, settings=settings)
         with torch.no_grad():
-            q = guide.distribution(*inputs) if hasattr(guide, "distribution") else None
+            q = guide.distribution(*inputs) if offers(guide, DISTRIBUTION) else None
             per_point = moment_errors(q, draws, reference)
         importance = importance_diagnostics(draws.log_weights)
         stages.update(), stages.set_postfix_str(STAGES[2])
@@ -129,7 +130,7 @@ def _diagnose_mixture(model, guide, *inputs: Tensor, points: Tensor,
     x = inputs[0]
     with torch.no_grad():
         exact = Categorical(probs=model.responsibilities(x))
-        q = (Categorical(probs=guide.responsibilities(x)) if hasattr(guide, "responsibilities")
+        q = (Categorical(probs=guide.responsibilities(x)) if offers(guide, DISCRETE_POSTERIOR)
              else exact)
         S, C = settings.num_draws, settings.num_chains
         z_q, z_p = q.sample((C * S,)), exact.sample((C * S,))                  # [C S, N]
@@ -137,7 +138,7 @@ def _diagnose_mixture(model, guide, *inputs: Tensor, points: Tensor,
         per_point: dict[str, Tensor] = {"posterior_kl": kl}
         log_q = q.log_prob(z_q)
         log_joint = None
-        if hasattr(model, "marginal_log_prob"):
+        if offers(model, EXACT_MARGINAL):
             log_px = model.marginal_log_prob(x).double()
             log_joint = exact.log_prob(z_q) + log_px.to(log_q)
             per_point.update(log_likelihood=log_px, elbo=log_px - kl, optimal_elbo=log_px,

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, transform_to
 
+from zoo.contract import DISTRIBUTION, EXACT_MARGINAL, EXACT_POSTERIOR, offers
 from zoo.diagnostics.distances import has_closed_form_kl, posterior_kl
 from zoo.diagnostics.reference import frozen
 from zoo.diagnostics.settings import LATENT, DiagnosticSettings
@@ -113,16 +114,16 @@ def amortization_gaps(model, guide, *inputs: Tensor, closed_form: bool = True,
     itself is kept: q belongs to the family, so the amortization gap
     is never negative.
     """
-    if not hasattr(guide, "distribution"):
+    if not offers(guide, DISTRIBUTION):
         return None
     with torch.no_grad():
         q = guide.distribution(*inputs)
-        posterior = (model.posterior(*inputs) if closed_form and hasattr(model, "posterior")
+        posterior = (model.posterior(*inputs) if closed_form and offers(model, EXACT_POSTERIOR)
                      else None)
     local = LocalGuide.around(q)
     if local is None:
         return None
-    exact = (posterior is not None and hasattr(model, "marginal_log_prob")
+    exact = (posterior is not None and offers(model, EXACT_MARGINAL)
              and has_closed_form_kl(q, posterior))
     if exact:
         _fit_local(model, local,
@@ -140,7 +141,7 @@ def amortization_gaps(model, guide, *inputs: Tensor, closed_form: bool = True,
                            quiet=settings.quiet, desc=f"gaps: ELBO and log p(x) with {name}")
             for proposal, name in ((guide, "q"), (local, "q*")))
         elbo, optimal = amortized.elbo, fitted.elbo
-        log_px = (model.marginal_log_prob(*inputs).detach() if hasattr(model, "marginal_log_prob")
+        log_px = (model.marginal_log_prob(*inputs).detach() if offers(model, EXACT_MARGINAL)
                   else torch.maximum(amortized.log_likelihood, fitted.log_likelihood))
     return Gaps(log_px.detach(), elbo.detach(), torch.maximum(optimal, elbo).detach(),
-                exact=hasattr(model, "marginal_log_prob"))
+                exact=offers(model, EXACT_MARGINAL))

@@ -14,6 +14,7 @@ from pyro.infer.autoguide.initialization import init_to_sample, init_to_value
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from zoo.contract import EXACT_POSTERIOR, offers
 from zoo.diagnostics.settings import LATENT, DiagnosticSettings
 from zoo.objectives import draw
 from zoo.progress import progress_bar
@@ -110,7 +111,7 @@ def reference_posterior(model, *inputs: Tensor, draws: GuideDraws,
     """Exact draws for every point where the model has ``posterior``, else NUTS on the first
     ``settings.nuts_points`` points, started at guide draws."""
     C, S = settings.num_chains, settings.num_draws
-    if hasattr(model, "posterior"):
+    if offers(model, EXACT_POSTERIOR):
         with torch.no_grad():
             posterior = model.posterior(*inputs)
             z = posterior.sample((C * S,))
