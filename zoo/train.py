@@ -33,7 +33,6 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -45,8 +44,8 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
 from zoo import distributed
+from zoo.compiled import STEPS, step_loss
 from zoo.errors import ZooError
-from zoo.objectives import traced_loss
 from zoo.runs import CHECKPOINT, append_metrics, save_checkpoint, write_metrics
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -128,10 +127,8 @@ class TrainSettings:
     fixed number of steps.
     ``clip_norm`` clips the global gradient norm; ``device`` is ``cpu``, ``cuda`` or ``auto``.
     ``freeze_model`` trains the guide alone, with the model's parameters held where they are.
-    ``jit`` computes the loss by a recording of it per batch shape
-    (:func:`zoo.objectives.traced_loss`, made under the first step's argument checks): the same
-    values and gradients, without Pyro's Python work, for elbo, iwae, miwae and ciwae without KL
-    annealing.
+    ``step`` is ``auto`` (compiled for runs long enough to repay the compilation), ``compiled``
+    or ``eager`` (:func:`zoo.compiled.step_loss`).
 
     ``tolerance``, when given, trains to convergence: training stops before the budget of
     ``steps`` (or ``epochs``) once the loss on the whole training set, smoothed over
@@ -151,7 +148,7 @@ class TrainSettings:
     seed: int = 0
     device: str = "cpu"
     freeze_model: bool = False
-    jit: bool = False
+    step: str = "auto"
     tolerance: float | None = None
     patience: int = 10
     threads: int | None = None
@@ -182,6 +179,8 @@ class TrainSettings:
              f"--threads must be at least 1; got {self.threads}"),
             (self.device in ("cpu", "cuda", "auto"),
              f"--device must be cpu, cuda or auto; got '{self.device}'"),
+            (self.step in STEPS,
+             f"train.step must be one of {', '.join(STEPS)}; got '{self.step}'"),
         ]
         for ok, message in checks:
             if not ok:
@@ -378,8 +377,6 @@ def _fit(model, guide, objective, train, test, settings, run_dir, checkpoint, tr
     test = None if test is None else tuple(tensor.to(device) for tensor in test)
     parameters = trainable_parameters(model, guide, settings.freeze_model)
     shared_guide = distributed.share_guide(guide)
-    loss_of = (traced_loss(objective, model, shared_guide) if settings.jit
-               else partial(objective.differentiable_loss, model, shared_guide))
     model.requires_grad_(not settings.freeze_model)
     optimizer = make_optimizer(settings.optimizer, parameter_groups((model, guide), parameters),
                                settings.lr)
@@ -387,8 +384,6 @@ def _fit(model, guide, objective, train, test, settings, run_dir, checkpoint, tr
     num_train = train[0].shape[0]
     batch_size = min(settings.batch_size, num_train)
     steps_per_epoch = math.ceil(num_train / batch_size)
-    if settings.jit:
-        distributed.check_recordings(num_train, batch_size)
     total_steps = settings.total_steps(num_train)
     set_progress = getattr(objective, "set_progress", None)
     schedule = LR_SCHEDULES[settings.lr_schedule]
@@ -406,6 +401,9 @@ def _fit(model, guide, objective, train, test, settings, run_dir, checkpoint, tr
             write_metrics(run_dir, history)
 
     validate, first_step = is_validation_enabled(), step
+    loss_of = step_loss(objective, model, shared_guide,
+                        settings.step if distributed.world_size() == 1 else "eager", total_steps,
+                        done=step, budget_is_cap=settings.tolerance is not None)
     bar = tqdm(total=total_steps, initial=step, unit="step",
                disable=settings.quiet or not distributed.is_main(),
                dynamic_ncols=True, desc=desc)
