@@ -14,8 +14,9 @@ machine's load hits all of them alike:
 - ``plain``: the floor, the same network, loss, batch and optimizer (the engine's Adam with
   torch's fused kernel, :func:`zoo.train.make_optimizer`) written in plain eager PyTorch;
 - ``zoo``: :func:`zoo.train.fit` with its default step (``auto``: compiled for runs of
-  ``COMPILE_MIN_STEPS`` steps or more, see :mod:`zoo.compiled`); each epoch continues from the
-  checkpoint of the last, as ``zoo train --resume`` does, and counts as the run's length;
+  ``COMPILE_MIN_STEPS`` steps or more, see :mod:`zoo.compiled`) in a run of ``--run-epochs``
+  epochs (the registry's 10 by default) of which the first ``--epochs`` are timed: the run
+  stops after each epoch and continues from its checkpoint, as ``zoo train --resume`` does;
 - ``zoo-compiled``: the same with ``step="compiled"`` (``--compile``), and ``zoo-eager`` with
   ``step="eager"`` (``--eager``);
 - ``pyro-example``: the network, model, guide and loop of Pyro's ``examples/vae/vae.py``
@@ -49,7 +50,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2,
                         help="timed epochs of each contender (default: %(default)s)")
+    parser.add_argument("--run-epochs", type=int, default=get_model("vae").train["epochs"],
+                        help="the length of zoo's runs, which decides whether its default "
+                             "step is compiled (default: %(default)s)")
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     parser.add_argument("--data-dir", default=os.environ.get("ZOO_DATA", "../shared/data"),
@@ -303,23 +307,35 @@ def zoo_networks(data: Data, setting: Setting, name: str) -> tuple[VAE, VAEGuide
                      activation=setting.activation))
 
 
+class _EpochDone(Exception):
+    """Stops a zoo run after the epoch being timed."""
+
+
+def _stop(row: dict[str, Any]) -> None:
+    raise _EpochDone
+
+
 def zoo_contender(data: Data, setting: Setting, name: str, step: str, seed: int,
-                  device: torch.device, work_dir: Path) -> dict[str, Callable]:
+                  run_epochs: int, device: torch.device, work_dir: Path
+                  ) -> dict[str, Callable]:
     pyro.set_rng_seed(seed)
     model, guide = zoo_networks(data, setting, name)
     run_dir = runs.create_run_dir(work_dir, force=True)
     x = data.x_train.to(device)
-    settings = TrainSettings(batch_size=setting.batch_size, lr=setting.lr, seed=seed,
-                             device=device.type, step=step, quiet=True)
+    settings = TrainSettings(epochs=run_epochs, batch_size=setting.batch_size, lr=setting.lr,
+                             seed=seed, device=device.type, step=step, quiet=True)
     epochs = {"done": 0}
 
     def epoch() -> None:
         checkpoint = runs.load_checkpoint(run_dir) if epochs["done"] else None
         epochs["done"] += 1
-        fit(model, guide, ELBO(analytic_kl=setting.analytic_kl), (x,),
-            settings=replace(settings, epochs=epochs["done"]), run_dir=run_dir,
-            checkpoint=checkpoint,
-            transform=(lambda inputs: (binarize(inputs[0]),)) if setting.binarized else None)
+        try:
+            fit(model, guide, ELBO(analytic_kl=setting.analytic_kl), (x,), settings=settings,
+                run_dir=run_dir, checkpoint=checkpoint, on_epoch=_stop,
+                transform=(lambda inputs: (binarize(inputs[0]),)) if setting.binarized
+                else None)
+        except _EpochDone:
+            pass
 
     def test_elbo(x_test: Tensor) -> float:
         return -average_loss(ELBO(num_particles=TEST_PARTICLES, analytic_kl=setting.analytic_kl),
@@ -365,7 +381,8 @@ def compare(data: Data, name: str, args: argparse.Namespace, device: torch.devic
                                                                      args.seed)}
         elif contender.startswith("zoo"):
             step = {"zoo": "auto", "zoo-compiled": "compiled", "zoo-eager": "eager"}[contender]
-            contenders[contender] = zoo_contender(data, setting, name, step, args.seed, device,
+            contenders[contender] = zoo_contender(data, setting, name, step, args.seed,
+                                                  args.run_epochs, device,
                                                   work_dir / f"{name}-{contender}")
         elif contender == "pyro-example" and device.type == "cpu":
             contenders[contender] = pyro_example(data, setting, args.seed)
@@ -375,7 +392,7 @@ def compare(data: Data, name: str, args: argparse.Namespace, device: torch.devic
     results: dict[str, Any] = {"setting": vars(setting) | {"hidden": list(setting.hidden)}}
     compile_seconds = {}
     for contender in ("zoo-compiled", "zoo"):  # zoo compiles only if its run is long enough
-        steps = args.epochs * -(-data.num_train // setting.batch_size)
+        steps = args.run_epochs * -(-data.num_train // setting.batch_size)
         if contender in contenders and (contender == "zoo-compiled"
                                         or steps >= compiled.COMPILE_MIN_STEPS):
             compile_seconds[contender] = _timed(contenders[contender]["compile"], device)
@@ -415,7 +432,7 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         "torch": torch.__version__, "pyro": pyro.__version__, "machine": platform.platform(),
         "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_average_before": os.getloadavg(), "target_ratio": TARGET_RATIO,
-        "compile_min_steps": compiled.COMPILE_MIN_STEPS,
+        "compile_min_steps": compiled.COMPILE_MIN_STEPS, "zoo_run_epochs": args.run_epochs,
     }
     if importlib.util.find_spec("numpyro"):
         import jax

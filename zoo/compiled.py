@@ -63,10 +63,11 @@ from zoo.objectives import Objective
 STEPS = ("auto", "compiled", "eager")
 """The values of ``TrainSettings.step`` (``--compile``, ``--eager``; default ``auto``)."""
 
-COMPILE_MIN_STEPS = 3000
-"""``auto`` compiles runs of at least this many steps. A first compilation of the MNIST VAE's
-step takes 20-50 s on this project's 2-core machine (8 s with inductor's on-disk cache warm)
-and saves about 3 ms per step at batch 20: about 3000 steps (one MNIST epoch) to repay it."""
+COMPILE_MIN_STEPS = 10_000
+"""``auto`` compiles runs of at least this many steps. Compiling the step of a small VAE took
+20-80 s on this project's busy 2-core machine (8 s with inductor's on-disk cache warm) and saves
+2-3 ms of Python per step, whatever the model: some 10,000 steps to repay it. The default MNIST
+VAE run (10 epochs at batch 20, 30,000 steps) is compiled; the demo's runs are not."""
 
 VERIFY_EVERY = 1000
 """Steps between two checks of the compiled step against the eager one (after the first)."""
@@ -120,6 +121,7 @@ class CompiledLoss:
         named = dict(self.module.named_parameters())
         self.trainable = [name for name, parameter in named.items() if parameter.requires_grad]
         self.parameters = [named[name] for name in self.trainable]
+        self.state = _state(self.module)
         self.key = _key(objective, self.module, self.trainable)
         self._checked: set[tuple] = set()
 
@@ -133,7 +135,7 @@ class CompiledLoss:
                 _GRAPHS[key] = _compile(
                     _capture(self.objective, self.module, self.trainable, batch),
                     batch[0].device)
-            compiled = partial(_GRAPHS[key], *_inputs(self.objective, self.module, batch))
+            compiled = partial(_GRAPHS[key], *_inputs(self.objective, self.state, batch))
             if key not in self._checked or self.step % VERIFY_EVERY == 0:
                 loss, gradients = self._checked_run(compiled, batch)
                 self._checked.add(key)
@@ -196,15 +198,22 @@ class _WithGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        return (None, None, *(None if gradient is None else gradient * grad_output
+        present = [gradient for gradient in ctx.gradients if gradient is not None]
+        scaled = iter(torch._foreach_mul(present, grad_output))  # one call for all
+        return (None, None, *(None if gradient is None else next(scaled)
                               for gradient in ctx.gradients))
 
 
-def _inputs(objective, module: torch.nn.Module, batch: Sequence[Tensor]) -> list:
-    """The inputs of a recorded step: parameters, buffers, the KL weight, the batch."""
-    state = [tensor.detach() for tensor in (*module.parameters(), *module.buffers())]
+def _state(module: torch.nn.Module) -> list[Tensor]:
+    """The parameters and buffers of ``module``, in the order of the recording's inputs."""
+    return [*module.parameters(), *module.buffers()]
+
+
+def _inputs(objective, state: list[Tensor], batch: Sequence[Tensor]) -> list:
+    """The inputs of a recorded step: parameters and buffers, the KL weight, the batch."""
     kl_weight = getattr(objective, "kl_weight", 1.0) if isinstance(objective, Objective) else 1.0
-    return [state, torch.tensor(float(kl_weight), device=batch[0].device), *batch]
+    return [[tensor.detach() for tensor in state],
+            torch.tensor(float(kl_weight), device=batch[0].device), *batch]
 
 
 def _capture(objective, module: torch.nn.Module, trainable: list[str], batch: Sequence[Tensor]
@@ -225,7 +234,7 @@ def _capture(objective, module: torch.nn.Module, trainable: list[str], batch: Se
 
     devices = [batch[0].device] if batch[0].device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        return make_fx(step)(*_inputs(objective, module, batch))
+        return make_fx(step)(*_inputs(objective, _state(module), batch))
 
 
 def _compile(graph: torch.fx.GraphModule, device: torch.device
