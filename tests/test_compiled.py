@@ -228,3 +228,31 @@ def test_short_runs_train_eagerly_and_long_ones_compiled():
     long = compiled.step_loss(objective, model, guide, "auto", compiled.COMPILE_MIN_STEPS)
     capped = compiled.step_loss(objective, model, guide, "auto", 10**5, budget_is_cap=True)
     assert (forced.first, long.first, capped.first) == (0, 0, compiled.COMPILE_MIN_STEPS)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_step_has_the_losses_and_gradients_of_the_eager_step():
+    """On CUDA the recording is compiled by inductor and replayed as a CUDA graph: the draws of
+    the GPU's generator, the loss and the gradients are those of the eager step, replay after
+    replay (whose outputs the next replay would overwrite)."""
+    _, experiment = _experiment("vae")
+    model, guide = experiment.model.cuda(), experiment.guide.cuda()
+    objective = make_objective("dreg", num_particles=4)
+    parameters = [*model.parameters(), *guide.parameters()]
+    step = compiled.CompiledLoss(objective, model, guide)
+    eager = partial(objective.differentiable_loss, model, guide)
+    batch = tuple(tensor.cuda() for tensor in _training_batch(experiment, 20))
+    for seed in range(3):
+        results = []
+        for loss in (step, eager):
+            torch.cuda.manual_seed(seed)
+            value = loss(*batch)
+            results.append((value.detach(), torch.autograd.grad(value, parameters),
+                            torch.cuda.get_rng_state()))
+        assert step.reason is None
+        (value, gradients, state), (eager_value, eager_gradients, eager_state) = results
+        assert torch.equal(state, eager_state)
+        _assert_close(value, eager_value, 1e-4)
+        for gradient, eager_gradient in zip(gradients, eager_gradients, strict=True):
+            _assert_close(gradient, eager_gradient, 1e-4)
