@@ -65,8 +65,8 @@ STEPS = ("auto", "compiled", "eager")
 
 COMPILE_MIN_STEPS = 10_000
 """``auto`` compiles runs of at least this many steps. Compiling the step of a small VAE took
-20-80 s on this project's busy 2-core machine (8 s with inductor's on-disk cache warm) and saves
-2-3 ms of Python per step, whatever the model: some 10,000 steps to repay it. The default MNIST
+6-80 s on this project's busy 2-core machine (8 s with inductor's on-disk cache warm) and saved
+3-8 ms per step at batch 20, most of it Python: some 10,000 steps to repay it. The default MNIST
 VAE run (10 epochs at batch 20, 30,000 steps) is compiled; the demo's runs are not."""
 
 VERIFY_EVERY = 1000
