@@ -13,8 +13,8 @@ import pytest
 import torch
 from pyro.nn import PyroModule
 
-from zoo import compiled
-from zoo.experiment import build_experiment, load_run, make_config, resume_run, train_run
+from zoo import compiled, runs
+from zoo.experiment import build_experiment, make_config
 from zoo.objectives import make_objective
 from zoo.train import TrainSettings, fit
 
@@ -76,43 +76,48 @@ def test_compiled_step_has_the_losses_and_gradients_of_the_eager_step(replayed_s
     assert len(replayed_step._GRAPHS) == 2
 
 
+def _train(config, run_dir=None, checkpoint=None):
+    """The experiment of ``config`` trained by ``fit``, and its history."""
+    experiment = build_experiment(config, quiet=True)
+    history = fit(experiment.model, experiment.guide, experiment.objective,
+                  experiment.train_inputs, settings=experiment.settings, run_dir=run_dir,
+                  checkpoint=checkpoint, transform=experiment.train_transform)
+    return experiment, history
+
+
 def _resumes_bitwise(config, tmp_path):
-    straight = train_run(config, tmp_path / "straight", quiet=True)
-    stopped = train_run({**config, "train": {**config["train"], "epochs": 1}},
-                        tmp_path / "stopped", quiet=True)
-    resume_run(stopped, epochs=config["train"]["epochs"], quiet=True)
-    for first, second in [(load_run(straight).model, load_run(stopped).model),
-                          (load_run(straight).guide, load_run(stopped).guide)]:
-        for (name, value), (_, other) in zip(first.state_dict().items(),
-                                             second.state_dict().items(), strict=True):
-            assert torch.equal(value, other), name
+    """A run stopped after its first epoch and resumed ends bitwise where the uninterrupted run
+    ends; returns the uninterrupted run's history."""
+    straight, history = _train(config)
+    stopped = runs.create_run_dir(tmp_path / "stopped")
+    _train({**config, "train": {**config["train"], "epochs": 1}}, stopped)
+    resumed, _ = _train(config, checkpoint=runs.load_checkpoint(stopped))
+    for module, other in [(straight.model, resumed.model), (straight.guide, resumed.guide)]:
+        for (name, value), (_, other_value) in zip(module.state_dict().items(),
+                                                   other.state_dict().items(), strict=True):
+            assert torch.equal(value, other_value), name
+    return history
 
 
 def test_compiled_training_resumes_bitwise(replayed_step, tmp_path):
-    config, _ = _experiment("vae", epochs=2, batch_size=100, step="compiled")
-    config["objective"] = {**config["objective"], "name": "dreg", "num_particles": 4,
+    config, _ = _experiment("vae", epochs=2, batch_size=500, step="compiled")
+    config["objective"] = {**config["objective"], "name": "dreg", "num_particles": 2,
                            "anneal_epochs": 1.0}
     _resumes_bitwise(config, tmp_path)
 
 
 @pytest.mark.slow
 def test_inductor_compiled_training_resumes_bitwise_and_follows_eager_training(tmp_path):
-    """The step compiled by inductor (not only its recording): the same losses as eager
-    training, which it follows up to float rounding, and a bitwise resume."""
+    """The step compiled by inductor (not only its recording): a bitwise resume, and the losses
+    of eager training, which it follows up to float rounding."""
     config, _ = _experiment("vae", epochs=2, batch_size=100, step="compiled")
     config["objective"] = {**config["objective"], "name": "dreg", "num_particles": 4,
                            "anneal_epochs": 1.0}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback
-        _resumes_bitwise(config, tmp_path)
-    eager = train_run({**config, "train": {**config["train"], "step": "eager"}},
-                      tmp_path / "eager", quiet=True)
-    rows = [load_run(run).config["train"] for run in (tmp_path / "straight", eager)]
-    assert rows[0]["step"] == "compiled" and rows[1]["step"] == "eager"
-    from zoo.runs import read_metrics
-
-    compiled_rows, eager_rows = read_metrics(tmp_path / "straight"), read_metrics(eager)
-    for row, eager_row in zip(compiled_rows, eager_rows, strict=True):
+        history = _resumes_bitwise(config, tmp_path)
+    _, eager = _train({**config, "train": {**config["train"], "step": "eager"}})
+    for row, eager_row in zip(history, eager, strict=True):
         assert abs(row["train_loss"] - eager_row["train_loss"]) <= 1e-4 * abs(
             eager_row["train_loss"])
 
