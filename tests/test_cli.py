@@ -165,7 +165,7 @@ def test_the_training_step_is_recorded_in_the_run(tmp_path, capsys, replayed_ste
                            "default; --jit now means --compile"] if retired else [])
 
 
-def test_a_run_that_recorded_jit_resumes(tmp_path):
+def test_a_run_that_recorded_jit_still_loads(tmp_path):
     """Runs of zoo before the compiled step recorded ``jit`` in config.json; they still load."""
     run = tmp_path / "run"
     assert main(["train", "ppca", "--out", str(run), *TINY]) == 0
