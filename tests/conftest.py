@@ -4,6 +4,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 import zoo  # noqa: F401
 
@@ -34,3 +35,21 @@ def small_ppca_config():
 
     return make_config("ppca", guide="full", data={"name": "synthetic-ppca"},
                        train={"epochs": 6, "steps": None, "batch_size": 100, "lr": 0.01})
+
+
+@pytest.fixture
+def replayed_step(monkeypatch):
+    """The compiled training step with its recording replayed as recorded, without inductor's
+    compilation (tens of seconds on two cores), and a cache of recordings of its own: what is
+    checked is the capture, which decides the values and gradients."""
+    from zoo import compiled
+
+    def replay(graph, device):
+        def run(*inputs):
+            with torch.no_grad():
+                return graph(*inputs)
+        return run
+
+    monkeypatch.setattr(compiled, "_compile", replay)
+    monkeypatch.setattr(compiled, "_GRAPHS", {})
+    return compiled

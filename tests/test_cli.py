@@ -143,7 +143,6 @@ def test_objective_flags_reach_the_run(tmp_path, capsys, loss_flags):
     (["--loss", "iwae", "--m", "2"], "--m does not apply to --loss iwae"),
     (["--loss", "elbo", "--free-bits", "0.5", "--guide", "full"], "factorized Gaussian guide"),
     (["--loss", "elbow"], "unknown objective 'elbow'"),
-    (["--loss", "dreg", "--particles", "4", "--jit"], "dreg cannot be traced: drop --jit"),
 ])
 def test_invalid_objectives_are_refused_before_training(tmp_path, capsys, flags, message):
     run = tmp_path / "run"
@@ -151,11 +150,29 @@ def test_invalid_objectives_are_refused_before_training(tmp_path, capsys, flags,
     assert not run.exists()
 
 
-def test_jit_training_is_recorded_in_the_run(tmp_path):
+@pytest.mark.parametrize("flag, step, retired", [("--eager", "eager", False),
+                                                   ("--compile", "compiled", False),
+                                                   ("--jit", "compiled", True)])
+def test_the_training_step_is_recorded_in_the_run(tmp_path, capsys, replayed_step, flag, step,
+                                                  retired):
+    """--eager and --compile are recorded; --jit, retired, says so in one line and compiles."""
     run = tmp_path / "run"
-    assert main(["train", "ppca", "--jit", "--loss", "iwae", "--particles", "4", "--out",
+    assert main(["train", "ppca", flag, "--loss", "iwae", "--particles", "4", "--out",
                  str(run), *TINY]) == 0
-    assert json.loads((run / "config.json").read_text())["train"]["jit"] is True
+    assert json.loads((run / "config.json").read_text())["train"]["step"] == step
+    retirement = [line for line in capsys.readouterr().err.splitlines() if "--jit" in line]
+    assert retirement == (["zoo: warning: --jit is retired: the training step is compiled by "
+                           "default; --jit now means --compile"] if retired else [])
+
+
+def test_a_run_that_recorded_jit_still_loads(tmp_path):
+    """Runs of zoo before the compiled step recorded ``jit`` in config.json; they still load."""
+    run = tmp_path / "run"
+    assert main(["train", "ppca", "--out", str(run), *TINY]) == 0
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["jit"] = False
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["evaluate", str(run), "--json"]) == 0
 
 
 def test_freezing_a_model_whose_guide_has_no_parameters_is_refused(tmp_path, capsys):

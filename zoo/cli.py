@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from zoo import distributed
+from zoo.compiled import COMPILE_MIN_STEPS
 from zoo.errors import ZooError
 
 LIST_WIDTH = 100
@@ -106,9 +107,14 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _add_threads_argument(train)
     train.add_argument("--freeze-model", action="store_true", default=None,
                        help="train the guide alone, the model's parameters held fixed")
-    train.add_argument("--jit", action="store_true", default=None,
-                       help="trace the loss with torch.jit (elbo, iwae, miwae, ciwae without "
-                            "annealing): the same training, faster at small batches")
+    step = train.add_mutually_exclusive_group()
+    step.add_argument("--eager", action="store_true",
+                      help="train with the plain eager step (breakpoints and prints work); the "
+                           f"default compiles the step of runs of {COMPILE_MIN_STEPS} steps "
+                           "or more")
+    step.add_argument("--compile", action="store_true",
+                      help="compile the training step even for a short run")
+    step.add_argument("--jit", action="store_true", help=argparse.SUPPRESS)
     out = parser.add_argument_group("output")
     out.add_argument("--out", metavar="DIR",
                      help="run folder (default runs/<model>-<dataset>-<time>)")
@@ -224,9 +230,17 @@ def _new_config(args: argparse.Namespace) -> dict:
         train={"epochs": args.epochs, "steps": args.steps, "batch_size": args.batch_size,
                "lr": args.lr, "optimizer": args.optimizer, "lr_schedule": args.lr_schedule,
                "clip_norm": args.clip_norm, "seed": args.seed, "device": args.device,
-               "freeze_model": args.freeze_model, "jit": args.jit,
+               "freeze_model": args.freeze_model, "step": _step(args),
                "tolerance": args.tolerance, "patience": args.patience,
                "max_steps": args.max_steps, "passes": args.passes, "threads": args.threads})
+
+
+def _step(args: argparse.Namespace) -> str | None:
+    """The training step of ``--eager`` and ``--compile``; ``--jit``, retired, says so."""
+    if args.jit:
+        warnings.warn("--jit is retired: the training step is compiled by default; --jit now "
+                      "means --compile", stacklevel=2)
+    return "eager" if args.eager else "compiled" if args.compile or args.jit else None
 
 
 def _launch(args: argparse.Namespace, device: str, batch_size: int | None = None,

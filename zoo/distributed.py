@@ -111,17 +111,6 @@ def check(batch_size: int, free_bits: float = 0.0, size: int | None = None) -> N
                        "or train in one process")
 
 
-def check_recordings(num_train: int, batch_size: int) -> None:
-    """Refuse ``--jit`` when the last batch of an epoch, which every rank computes whole, has
-    the shape of a share of the other batches: the loss is recorded once per shape, and the
-    recording of a share draws only that share's part of the batch's random numbers."""
-    size, last = world_size(), num_train % batch_size
-    if size > 1 and last % size and last == batch_size // size:
-        raise ZooError(f"--jit records the loss once per batch shape, and the last batch of an "
-                       f"epoch ({last} points, computed whole by every process) has the shape "
-                       f"of a share of the others: drop --jit or choose another --batch-size")
-
-
 def backend_of(device: torch.device) -> str:
     """The torch.distributed backend for ``device``: nccl on CUDA, gloo elsewhere, refused
     when this build of torch lacks it."""

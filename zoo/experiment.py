@@ -29,7 +29,7 @@ from zoo.convergence import converged, convergence
 from zoo.data import Data, binarize, load_data
 from zoo.errors import ZooError
 from zoo.evaluate import evaluate
-from zoo.objectives import make_objective, traced_loss
+from zoo.objectives import make_objective
 from zoo.progress import progress_bar
 from zoo.registry import ModelEntry, build, get_model
 from zoo.train import (
@@ -165,8 +165,6 @@ def build_experiment(config: dict[str, Any], *, quiet: bool = False) -> Experime
                        f"the data it was trained on, or train a new run on the new data")
     _check_objective(objective, model, guide, entry.inputs(data, "train"))
     trainable_parameters(model, guide, settings.freeze_model)
-    if settings.jit:
-        traced_loss(objective, model, guide)  # refuses objectives it cannot trace
     return experiment
 
 

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property, partial
@@ -526,10 +525,6 @@ class Objective(PyroELBO):
     annealing.
     """
 
-    routes_gradients = False
-    """True for the objectives that give model and guide different gradients through hooks on
-    the draws (PIWAE, DReG), which a traced loss would not replay (see :func:`traced_loss`)."""
-
     scales_each_site = False
     """True for the ELBO, a sum of per-site terms, in which each site may carry its own scale;
     the log-mean-exp of the importance-weighted bounds takes one scale for all (:func:`draw`)."""
@@ -672,8 +667,6 @@ class PIWAE(_Grouped):
         grad_phi   = sum_mk  (1/M) w~^(m)_k        d log w_mk / d phi     (w~^(m) within group m)
     """
 
-    routes_gradients = True
-
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
         draws = self.draw(model, guide, args, kwargs, route=True)
         log_w = draws.log_weights(self.kl_weight)
@@ -701,8 +694,6 @@ class DReG(Objective):
     model's parameters get IWAE's gradient sum_k w~_k d log w_k / d theta; the value is -L_K.
     """
 
-    routes_gradients = True
-
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
         draws = self.draw(model, guide, args, kwargs, stop_guide_gradients=True, route=True)
         log_w = draws.log_weights(self.kl_weight)
@@ -710,51 +701,6 @@ class DReG(Objective):
         weights = torch.softmax(log_w, 0)
         encoder_weights = (1 - self.kl_weight) * weights + self.kl_weight * weights.square()
         return _routed_surrogate(draws, value, weights, encoder_weights, self.kl_weight)
-
-
-def traced_loss(objective: PyroELBO, model: torch.nn.Module, guide: torch.nn.Module
-                ) -> Callable[..., Tensor]:
-    """``objective.differentiable_loss(model, guide, *inputs)`` compiled by ``torch.jit.trace``,
-    as Pyro's ``JitTrace_ELBO`` does: the first call for a given shape of the inputs runs the
-    Python of model, guide and objective once and records the tensor operations, later calls
-    replay them without the Python (Pyro's effect handlers, distribution objects, traces), which
-    at small batches is most of a step's time. TorchScript replays the recording without
-    optimizing it (no fusion, no symbolic differentiation), so values and gradients are those of
-    the eager loss bit for bit; each call draws fresh random numbers, as the eager loss does.
-
-    A recording holds for one shape of the inputs (one per batch size) and fixes every Python
-    value the loss read: the objective's ``kl_weight`` (so KL annealing, which changes it, is
-    refused) and the branches of model and guide. Gradient hooks on the draws are not recorded,
-    so PIWAE and DReG are refused. The recording runs on a forked random stream, so tracing
-    does not change the draws of training. ``torch.jit.trace`` is deprecated in favour of
-    ``torch.compile``, which cannot yet compile Pyro's effect handlers.
-    """
-    if not isinstance(objective, Objective) or objective.routes_gradients:
-        name = ("enum" if isinstance(objective, TraceEnum_ELBO) else
-                "tracegraph" if isinstance(objective, TraceGraph_ELBO) else
-                next((name for name, factory in OBJECTIVES.items() if type(objective) is factory),
-                     type(objective).__name__))
-        raise ZooError(f"--jit traces the objectives elbo, iwae, miwae and ciwae; {name} "
-                       f"cannot be traced: drop --jit")
-    if objective.anneal_epochs > 0:
-        raise ZooError("--jit fixes the KL weight when it traces the objective, so it cannot "
-                       "anneal it: drop --jit or --anneal-epochs")
-    module = objective(model, guide)  # pyro's ELBOModule: forward = differentiable_loss
-    recordings: dict[tuple, Callable[..., Tensor]] = {}
-
-    def loss(*inputs: Tensor) -> Tensor:
-        key = tuple((tensor.shape, tensor.dtype, tensor.device) for tensor in inputs)
-        if key not in recordings:
-            devices = [tensor.device for tensor in inputs if tensor.device.type == "cuda"]
-            with torch.random.fork_rng(devices=devices[:1]), warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace",
-                                        category=FutureWarning)
-                recordings[key] = torch.jit.trace(module, inputs, check_trace=False)
-        with torch.jit.optimized_execution(False):  # the recorded operations, as recorded
-            return recordings[key](*inputs)
-
-    return loss
 
 
 class _EnumeratedELBO(TraceEnum_ELBO):

@@ -169,6 +169,8 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
                        ) from None
     except OSError as err:
         raise ZooError(f"{path} could not be read ({err.strerror})") from None
+    if isinstance(config, dict) and isinstance(config.get("train"), dict):
+        config["train"].pop("jit", None)  # runs of zoo before the compiled step recorded it
     check_config(config, str(path))
     return config
 

@@ -7,8 +7,8 @@ given to :func:`fit`) minimizes
     loss = objective.differentiable_loss(model, guide, *batch) / batch_size,
 
 the objective in nats per data point, with a torch optimizer over the parameters of model and
-guide. :func:`fit` is that loop; the extras are composed around the step: the recorded loss of
-``--jit`` (:func:`zoo.objectives.traced_loss`), the learning-rate schedule and its plateaus
+guide. :func:`fit` is that loop; the extras are composed around the step: the compiled loss
+(:func:`zoo.compiled.step_loss`), the learning-rate schedule and its plateaus
 (:mod:`zoo.optimize`, :mod:`zoo.convergence`), KL annealing (``set_progress``), the progress
 bar, the checks for non-finite values, the whole-data losses, metrics.csv and the checkpoints.
 
@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
 from zoo import distributed
+from zoo.compiled import STEPS, step_loss
 from zoo.convergence import (
     converged,
     improvement,
@@ -57,7 +57,6 @@ from zoo.convergence import (
 )
 from zoo.errors import ZooError
 from zoo.evaluate import average_loss
-from zoo.objectives import traced_loss
 from zoo.optimize import (
     LR_SCHEDULES,
     OPTIMIZERS,
@@ -96,10 +95,8 @@ class TrainSettings:
     same settling without a fixed number of steps.
     ``clip_norm`` clips the global gradient norm; ``device`` is ``cpu``, ``cuda`` or ``auto``.
     ``freeze_model`` trains the guide alone, with the model's parameters held where they are.
-    ``jit`` computes the loss by a recording of it per batch shape
-    (:func:`zoo.objectives.traced_loss`, made under the first step's argument checks): the same
-    values and gradients, without Pyro's Python work, for elbo, iwae, miwae and ciwae without KL
-    annealing.
+    ``step`` is ``auto`` (compiled for runs long enough to repay the compilation), ``compiled``
+    or ``eager`` (:func:`zoo.compiled.step_loss`).
 
     ``passes`` is the number of passes over the training data in one epoch, the unit of the
     ``epochs`` budget, of the rows of metrics.csv, of checkpoints and of the convergence checks
@@ -124,7 +121,7 @@ class TrainSettings:
     seed: int = 0
     device: str = "cpu"
     freeze_model: bool = False
-    jit: bool = False
+    step: str = "auto"
     tolerance: float | None = None
     patience: int = 10
     passes: int = 1
@@ -157,6 +154,8 @@ class TrainSettings:
              f"--threads must be at least 1; got {self.threads}"),
             (self.device in ("cpu", "cuda", "auto"),
              f"--device must be cpu, cuda or auto; got '{self.device}'"),
+            (self.step in STEPS,
+             f"train.step must be one of {', '.join(STEPS)}; got '{self.step}'"),
         ]
         for ok, message in checks:
             if not ok:
@@ -266,9 +265,10 @@ class _Training:
     run_dir: Path | None
     parameters: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
-    loss_of: Callable[..., torch.Tensor]
     batch_size: int
     total_steps: int
+    loss_of: Callable[..., torch.Tensor] | None = None
+    """The loss of a batch, eager or compiled; set last, once the step to start from is known."""
     history: list[dict[str, Any]] = field(default_factory=list)
     step: int = 0
     first_step: int = 0
@@ -338,9 +338,9 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
 
 def _prepare(model, guide, objective, train, test, settings: TrainSettings,
              run_dir: Path | None, checkpoint: dict[str, Any] | None) -> _Training:
-    """Model, guide and data on the device; the loss (recorded with ``settings.jit``), the
-    optimizer over the trained parameters; the state of ``checkpoint`` restored, else every
-    generator seeded."""
+    """Model, guide and data on the device; the optimizer over the trained parameters; the
+    state of ``checkpoint`` restored, else every generator seeded; the loss of each step, eager
+    or compiled as ``settings.step`` says (:func:`zoo.compiled.step_loss`)."""
     distributed.check(settings.batch_size, getattr(objective, "free_bits", 0.0))
     device = distributed.setup(resolve_device(settings.device))
     model.to(device), guide.to(device)
@@ -348,17 +348,13 @@ def _prepare(model, guide, objective, train, test, settings: TrainSettings,
     test = None if test is None else tuple(tensor.to(device) for tensor in test)
     parameters = trainable_parameters(model, guide, settings.freeze_model)
     shared_guide = distributed.share_guide(guide)
-    loss_of = (traced_loss(objective, model, shared_guide) if settings.jit
-               else partial(objective.differentiable_loss, model, shared_guide))
     model.requires_grad_(not settings.freeze_model)
     optimizer = make_optimizer(settings.optimizer, parameter_groups((model, guide), parameters),
                                settings.lr)
     num_train = train[0].shape[0]
     batch_size = min(settings.batch_size, num_train)
-    if settings.jit:
-        distributed.check_recordings(num_train, batch_size)
     run = _Training(model, guide, objective, train, test, settings, run_dir, parameters,
-                    optimizer, loss_of, batch_size, settings.total_steps(num_train))
+                    optimizer, batch_size, settings.total_steps(num_train))
     if checkpoint is None:
         seed_everything(settings.seed)
     else:
@@ -370,6 +366,10 @@ def _prepare(model, guide, objective, train, test, settings: TrainSettings,
         if run_dir is not None and distributed.is_main():
             write_metrics(run_dir, run.history)
     run.first_step, run.validate = run.step, is_validation_enabled()
+    run.loss_of = step_loss(objective, model, shared_guide,
+                            settings.step if distributed.world_size() == 1 else "eager",
+                            run.total_steps, done=run.step,
+                            budget_is_cap=settings.tolerance is not None)
     return run
 
 
