@@ -69,6 +69,9 @@ KNOWN_FAILURES = {
     ("test_a_short_training_run_lowers_the_loss", "gmm", "enumerate"):
         "the k-means++ start refined on the exact likelihood already sits at the optimum of "
         "this small sample; ten minibatch steps at the default lr 0.1 only add noise",
+    ("test_a_short_training_run_lowers_the_loss", "gmm", "amortized"):
+        "the same start, and the guide starts at its exact responsibilities (EM's first "
+        "E-step): the ELBO is already at its optimum, and steps at lr 0.1 only add noise",
 }
 """Checks that a registered pair fails today, with the reason; each is a strict xfail, so it
 is noticed when it starts to pass."""
