@@ -12,6 +12,11 @@ from zoo.train import fit
 
 pytestmark = pytest.mark.slow
 
+ROUNDING = 1e-4
+"""How far below 0 a gap to the maximum log-likelihood may fall by rounding alone: both
+log-likelihoods are means of float32 values of 10 to 100 nats (relative precision about 1e-7,
+a few operations each), and SVI now ends at the optimum to that precision."""
+
 
 @pytest.fixture(scope="module", params=["meanfield", "full"])
 def trained(request):
@@ -26,7 +31,7 @@ def test_svi_reaches_the_closed_form_maximum_likelihood(trained):
     x = trained.data.x_train
     with torch.no_grad():
         metrics = evaluate(trained.model, trained.guide, x, num_samples=10, train_x=x)
-    assert 0 <= metrics["mle_log_likelihood"] - metrics["exact_log_likelihood"] < 0.02
+    assert -ROUNDING <= metrics["mle_log_likelihood"] - metrics["exact_log_likelihood"] < 0.02
 
 
 def test_elbo_does_not_exceed_the_exact_log_likelihood(trained):
@@ -64,7 +69,7 @@ def test_every_objective_trains_ppca_to_the_closed_form_optimum(loss, options):
     x = experiment.data.x_train
     with torch.no_grad():
         metrics = evaluate(experiment.model, experiment.guide, x, num_samples=10, train_x=x)
-    assert 0 <= metrics["mle_log_likelihood"] - metrics["exact_log_likelihood"] < 0.02
+    assert -ROUNDING <= metrics["mle_log_likelihood"] - metrics["exact_log_likelihood"] < 0.02
 
 
 # --- tables nobody tuned for ---------------------------------------------------------------------
@@ -122,6 +127,6 @@ def test_defaults_reach_the_maximum_likelihood_on_untuned_tables(table, guide, l
     with torch.no_grad():
         metrics = evaluate(experiment.model, experiment.guide, x, num_samples=10, train_x=x)
     assert history[-1]["step"] < experiment.settings.steps   # converged, not out of budget
-    assert 0 <= metrics["mle_log_likelihood"] - metrics["exact_log_likelihood"] < 0.02
+    assert -ROUNDING <= metrics["mle_log_likelihood"] - metrics["exact_log_likelihood"] < 0.02
     if guide == "full":
         assert metrics["posterior_kl"] < 0.01
