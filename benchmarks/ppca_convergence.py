@@ -13,9 +13,12 @@ whether the run converged, and its wall time (one thread, with the machine's loa
                                           [--losses elbo iwae] [--out benchmarks/results]
                                           [--name ppca_convergence]
 
-writes ``NAME.json`` and ``NAME.md`` to the output folder. The README's tables come from
+writes ``NAME.json`` and ``NAME.md`` to the output folder. The README's three PPCA tables come
+from
 
-    python benchmarks/ppca_convergence.py --losses elbo iwae miwae ciwae piwae dreg
+    python benchmarks/ppca_convergence.py
+    python benchmarks/ppca_convergence.py --tables small-30 large-64 \
+        --losses iwae miwae ciwae piwae dreg --name ppca_convergence_objectives
     python benchmarks/ppca_convergence.py --tables synthetic-ppca --name ppca_objectives \
         --losses elbo iwae miwae ciwae piwae dreg
 """
