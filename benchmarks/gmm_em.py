@@ -93,12 +93,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         for name in args.datasets:
             data = data_config(name, Path(temporary))
             fits = {fit_name: run_fit(data, *spec) for fit_name, spec in FITS.items()}
+            x, components = fits["enumerate, full"]["x"], fits["enumerate, full"]["components"]
+            em = {covariance: run_em(x, components, covariance) for covariance in ("full", "diag")}
             for fit_name, result in fits.items():
                 covariance = FITS[fit_name][1]
-                em = run_em(result.pop("x"), result.pop("components"), covariance)
                 enumerate_ll = fits[f"enumerate, {covariance}"]["log_likelihood"]
+                result = {key: value for key, value in result.items()
+                          if key not in ("x", "components")}
                 row = {"data": name, "fit": fit_name, **result,
-                       "gap_to_em": em - result["log_likelihood"],
+                       "gap_to_em": em[covariance] - result["log_likelihood"],
                        "gap_to_enumerate": enumerate_ll - result["log_likelihood"]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
