@@ -67,6 +67,7 @@ from torch.distributions import constraints
 
 from zoo.contract import EXACT_MARGINAL, EXACT_POSTERIOR, MAXIMUM_LIKELIHOOD
 from zoo.errors import ZooError
+from zoo.linalg import principal_axes
 
 
 def check_dims(data_dim: int, latent_dim: int) -> None:
@@ -148,16 +149,13 @@ def maximum_likelihood(x: Tensor, latent_dim: int) -> tuple[Tensor, Tensor, Tens
     b = x.mean(0)
     r = x - b
     S = r.T @ r / N                                             # MLE covariance, [D, D]
-    Lambda, U = torch.linalg.eigh(S)                            # ascending
-    Lambda, U = Lambda.flip(0), U.flip(1)                       # descending
+    Lambda, U = principal_axes(S)                               # descending, signed
     sigma2 = Lambda[latent_dim:].mean()
     if sigma2 <= D * torch.finfo(torch.float64).eps * Lambda[0]:
         raise ZooError(f"the data lie in a subspace of dimension <= {latent_dim}, so the noise "
                        f"variance has maximum-likelihood value 0 and the likelihood is unbounded; "
                        f"use a smaller --latent-dim or more varied data")
-    U_M = U[:, :latent_dim]
-    U_M = U_M * U_M.gather(0, U_M.abs().argmax(0, keepdim=True)).sign()
-    W = U_M * (Lambda[:latent_dim] - sigma2).clamp(min=0).sqrt()
+    W = U[:, :latent_dim] * (Lambda[:latent_dim] - sigma2).clamp(min=0).sqrt()
     return W.to(dtype), b.to(dtype), sigma2.sqrt().to(dtype)
 
 

@@ -1,6 +1,7 @@
 """The installed package: zoo.models and zoo.guides import from anywhere, and no generic
 top-level name (models, guides) is installed."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -22,12 +23,19 @@ def test_models_and_guides_import_from_outside_the_repository(tmp_path):
 
 @pytest.mark.slow
 def test_wheel_holds_only_the_zoo_package(tmp_path):
+    # built from a copy of the sources, so that no stale build/ folder can fill the wheel
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        "build", ".venv", "*.egg-info", ".git", "runs", "__pycache__"))
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-         "--wheel-dir", str(tmp_path), str(REPO)], capture_output=True, text=True)
+         "--wheel-dir", str(tmp_path), str(source)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     (wheel,) = tmp_path.glob("zoo-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names}
     assert {name for name in top_level if not name.endswith(".dist-info")} == {"zoo"}
     assert {"zoo/models/ppca.py", "zoo/guides/ppca.py", "zoo/cli.py"} <= set(names)
+    sources = {"zoo/" + path.relative_to(REPO / "zoo").as_posix()
+               for path in (REPO / "zoo").rglob("*.py")}
+    assert sources <= set(names), f"not in the wheel (setup.cfg packages): {sources - set(names)}"

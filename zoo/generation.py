@@ -44,6 +44,7 @@ from zoo import runs
 from zoo.contract import DECODER, offers
 from zoo.errors import ZooError
 from zoo.evaluate import ACTIVE_UNIT_THRESHOLD, active_units
+from zoo.linalg import principal_axes
 from zoo.plots import save_figure
 from zoo.train import seed_everything
 from zoo.validation import check_memory
@@ -298,11 +299,8 @@ def plot_manifold(experiment: Experiment, path: str | os.PathLike) -> Path:
 def principal_components(codes: Tensor, k: int = 2) -> Tensor:
     """The projection of ``codes: [N, M]`` on their first k principal components, ``[N, k]``,
     each component's sign fixed so that its largest loading is positive."""
-    centered = codes - codes.mean(0)
-    _, _, V = torch.linalg.svd(centered, full_matrices=False)
-    V = V[:k].T                                                        # [M, k]
-    V = V * V.gather(0, V.abs().argmax(0, keepdim=True)).sign()
-    return centered @ V
+    _, V = principal_axes(torch.cov(codes.T), k)                     # [M, k]
+    return (codes - codes.mean(0)) @ V
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from zoo.contract import DISCRETE_POSTERIOR, offers
+from zoo.linalg import principal_axes
 from zoo.plots import covariance_ellipse, save_figure
 
 
@@ -37,9 +38,7 @@ def principal_plane(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[
     if D == 2:
         return x.new_zeros(2), torch.eye(2, dtype=x.dtype), ("x1", "x2")
     c = x.mean(0)
-    _, vectors = torch.linalg.eigh(torch.cov(x.T))
-    P = vectors[:, [-1, -2]]
-    P = P * P.gather(0, P.abs().argmax(0, keepdim=True)).sign()
+    _, P = principal_axes(torch.cov(x.T), 2)
     return c, P, ("principal component 1", "principal component 2")
 
 
