@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from zoo.data import DATASETS, load_data, synthetic_gmm, synthetic_ppca
+from zoo.data import DATASETS, load_data
 from zoo.errors import ZooError
+from zoo.synthetic import synthetic_gmm, synthetic_ppca
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -87,7 +87,7 @@ strong common direction (far from orthogonal), and the data sit at scales and of
 
 
 def _untuned_table(name: str, folder) -> tuple[str, int]:
-    from zoo.data import synthetic_ppca
+    from zoo.synthetic import synthetic_ppca
 
     spec = UNTUNED_TABLES[name]
     generator = torch.Generator().manual_seed(spec["seed"])

@@ -1,12 +1,13 @@
 """Data sets in memory as float32 tensors, split into train and test.
 
 ``load_data(name)`` loads a named data set (``DATASETS`` lists them) and ``load_data(file=...)``
-the user's own numeric table (``.csv`` with a header row, or a 2-D ``.npy`` array). Rows are
-data points: ``x: [N, D]`` float32, labels ``y: [N]`` int64 where the data set has them.
+the user's own numeric table (``.csv`` with a header row, or a 2-D ``.npy`` array, read by
+:mod:`zoo.tables`). Rows are data points: ``x: [N, D]`` float32, labels ``y: [N]`` int64 where
+the data set has them.
 
-The synthetic data sets come with their ground truth (``Data.truth``), drawn by the public
-generators ``synthetic_ppca`` and ``synthetic_gmm`` from a private random stream, so the same
-seed gives the same data and the global torch seed is neither used nor changed.
+The synthetic data sets come with their ground truth (``Data.truth``), drawn by the generators
+of :mod:`zoo.synthetic` from a private random stream, so the same seed gives the same data and
+the global torch seed is neither used nor changed.
 
 Every mistake in the input raises :class:`~zoo.errors.ZooError` naming the problem, the place
 (file, data row, column) and the fix.
@@ -15,21 +16,17 @@ Every mistake in the input raises :class:`~zoo.errors.ZooError` naming the probl
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import math
-import numbers
 import os
-import re
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from zoo.errors import ZooError
+from zoo.synthetic import synthetic_gmm, synthetic_ppca
+from zoo.tables import read_csv, read_npy
 
 DATASETS: dict[str, str] = {
     "digits": "scikit-learn's 8x8 handwritten digits: 1797 images, pixels in [0, 1], 10 classes",
@@ -59,12 +56,6 @@ _GMM_TRUTH = {
 }
 _GMM_NUM_DATA = 1500
 _EXPNORMAL_NUM_DATA = 2000
-
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)",
-                     re.ASCII | re.IGNORECASE)
-"""A number in a csv cell: ASCII digits with an optional sign, point and exponent (Python's
-``float`` also reads ``1_000`` and non-ASCII digits, which a table should not hold). nan and inf
-are read so that the error can name them."""
 
 LARGEST_VALUE = 1e15
 """The largest magnitude of a value in a user table without ``standardize``: the models sum
@@ -170,90 +161,6 @@ def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return torch.bernoulli(x, generator=generator)
 
 
-def synthetic_ppca(num_data: int, W: torch.Tensor, b: torch.Tensor, sigma: float, *,
-                   seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Draw ``num_data`` points from probabilistic PCA: ``x = W z + b + eps``.
-
-    ``z ~ N(0, I_M)``, ``eps ~ N(0, sigma^2 I_D)``, ``W: [D, M]``, ``b: [D]``, ``sigma > 0``.
-    Returns ``x: [N, D]`` and the truth ``{"W": [D, M], "b": [D], "sigma": [], "z": [N, M]}``,
-    all float32, drawn from a private generator seeded with ``seed``.
-    """
-    num_data = _check_count(num_data)
-    W = _as_float_tensor(W, "W")
-    b = _as_float_tensor(b, "b")
-    if W.dim() != 2:
-        raise ZooError(f"W must be a matrix [D, M], got shape {tuple(W.shape)}")
-    if b.shape != W.shape[:1]:
-        raise ZooError(f"b must have shape [D] = ({W.shape[0]},) to match W {tuple(W.shape)}, "
-                       f"got {tuple(b.shape)}")
-    sigma = float(sigma)
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise ZooError(f"sigma is the noise standard deviation and must be positive, got {sigma}")
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(num_data, W.shape[1], generator=generator)
-    eps = torch.randn(num_data, W.shape[0], generator=generator)
-    x = z @ W.T + b + sigma * eps
-    return x.contiguous(), {"W": W, "b": b, "sigma": torch.tensor(sigma), "z": z}
-
-
-def synthetic_gmm(num_data: int, weights: torch.Tensor, means: torch.Tensor,
-                  covariances: torch.Tensor, *,
-                  seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Draw ``num_data`` points from a Gaussian mixture.
-
-    ``z_n ~ Categorical(weights)``, ``x_n ~ N(means[z_n], covariances[z_n])`` with
-    ``weights: [K]`` on the simplex, ``means: [K, D]``, ``covariances: [K, D, D]`` symmetric
-    positive definite. Returns ``x: [N, D]`` float32 and the truth ``{"weights", "means",
-    "covariances"}`` (float32) with ``"z": [N]`` int64, drawn from a private generator seeded
-    with ``seed``.
-    """
-    num_data = _check_count(num_data)
-    weights = _as_float_tensor(weights, "weights")
-    means = _as_float_tensor(means, "means")
-    covariances = _as_float_tensor(covariances, "covariances")
-    if weights.dim() != 1 or weights.shape[0] == 0:
-        raise ZooError(f"weights must be a vector [K], got shape {tuple(weights.shape)}")
-    num_components = weights.shape[0]
-    if means.dim() != 2 or means.shape[0] != num_components:
-        raise ZooError(f"means must have shape [K, D] with K = {num_components} (the length of "
-                       f"weights), got {tuple(means.shape)}")
-    dim = means.shape[1]
-    if covariances.shape != (num_components, dim, dim):
-        raise ZooError(f"covariances must have shape [K, D, D] = {(num_components, dim, dim)} "
-                       f"to match means {tuple(means.shape)}, got {tuple(covariances.shape)}")
-    if (weights < 0).any() or abs(float(weights.sum()) - 1) > 1e-4:
-        raise ZooError(f"weights must be non-negative and sum to 1, got {weights.tolist()}: "
-                       "divide them by their sum")
-    cov64 = covariances.double()
-    for k in range(num_components):
-        if not torch.allclose(cov64[k], cov64[k].T, rtol=1e-5, atol=1e-6):
-            raise ZooError(f"covariances[{k}] is not symmetric: use (C + C.T) / 2")
-    cholesky, info = torch.linalg.cholesky_ex(cov64)
-    if (info != 0).any():
-        k = int(torch.nonzero(info)[0])
-        raise ZooError(f"covariances[{k}] is not positive definite: add a small multiple of the "
-                       "identity to it")
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.multinomial(weights, num_data, replacement=True, generator=generator)
-    eps = torch.randn(num_data, dim, generator=generator, dtype=torch.float64)
-    x = means.double()[z] + (cholesky[z] @ eps.unsqueeze(-1)).squeeze(-1)
-    truth = {"weights": weights, "means": means, "covariances": covariances, "z": z}
-    return x.float().contiguous(), truth
-
-
-def _check_count(num_data: int) -> int:
-    if isinstance(num_data, bool) or not isinstance(num_data, numbers.Integral) or num_data < 1:
-        raise ZooError(f"num_data must be a positive integer, got {num_data!r}")
-    return int(num_data)
-
-
-def _as_float_tensor(value, label: str) -> torch.Tensor:
-    tensor = torch.as_tensor(value, dtype=torch.float32).clone().contiguous()
-    if not torch.isfinite(tensor).all():
-        raise ZooError(f"{label} has nan or inf entries: give finite numbers")
-    return tensor
-
-
 def _load_synthetic_ppca(num_data: int, seed: int) -> Data:
     truth_generator = torch.Generator().manual_seed(_PPCA_TRUTH_SEED)
     W = torch.randn(_PPCA_DATA_DIM, _PPCA_LATENT_DIM, generator=truth_generator)
@@ -337,114 +244,13 @@ def _load_file(path: Path) -> Data:
         raise ZooError(f"{path} is not a file: give a .csv or .npy file")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        x, columns = _read_csv(path)
+        x, columns = read_csv(path)
     elif suffix == ".npy":
-        x, columns = _read_npy(path), None
+        x, columns = read_npy(path), None
     else:
         raise ZooError(f"{path}: unknown file type {path.suffix or '(no extension)'!r}; use .csv "
                        "(with a header row of column names) or .npy (a 2-D numeric array)")
     return Data(path.stem, x, None, None, None, columns=columns)
-
-
-def _read_csv(path: Path) -> tuple[torch.Tensor, tuple[str, ...]]:
-    """The numbers of a csv file with a header row; blank lines are skipped."""
-    lines, rows = [], []
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as stream:
-            reader = csv.reader(stream)
-            for row in reader:
-                if row:
-                    lines.append(reader.line_num)
-                    rows.append([cell.strip() for cell in row])
-    except UnicodeDecodeError as err:
-        raise ZooError(f"{path} is not a UTF-8 text file ({err.reason}): save it as csv "
-                       "in UTF-8") from err
-    except csv.Error as err:
-        raise ZooError(f"{path}, line {reader.line_num}: not valid csv ({err})") from err
-    except OSError as err:
-        raise ZooError(f"{path} could not be read ({err.strerror or err})") from err
-    if not rows:
-        raise ZooError(f"{path} is empty: expected a header row of column names, then numbers")
-    columns, body = tuple(rows[0]), rows[1:]
-    for j, column in enumerate(columns, 1):
-        if not column:
-            raise ZooError(f"{path}: column {j} of the header has no name: name every column")
-    if len(set(columns)) < len(columns):
-        repeated = sorted({column for column in columns if columns.count(column) > 1})
-        raise ZooError(f"{path}: the header repeats the column name(s) {', '.join(repeated)}: "
-                       "make every name unique")
-    if all(_is_number(column) for column in columns):
-        raise ZooError(f"{path}: the first line ({', '.join(columns)}) is numbers, not a header: "
-                       "add a header row of column names")
-    if not body:
-        raise ZooError(f"{path} has a header but no data rows")
-    values = np.empty((len(body), len(columns)), dtype=np.float64)
-    for i, row in enumerate(body):
-        place = f"{path}: data row {i + 1} (line {lines[i + 1]})"
-        if len(row) != len(columns):
-            raise ZooError(f"{place} has {len(row)} cells, the header has {len(columns)}: "
-                           "give every row one cell per column")
-        for j, cell in enumerate(row):
-            if not cell:
-                raise ZooError(f"{place}, column {columns[j]!r} is empty: remove or impute "
-                               "missing values")
-            if not _is_number(cell):
-                raise ZooError(f"{place}, column {columns[j]!r}: {cell!r} is not a number: the "
-                               "table must be all numbers written with the digits 0-9 (drop or "
-                               "encode text columns)")
-            values[i, j] = float(cell)
-
-    def where(i: int, j: int) -> str:
-        return f"{path}: data row {i + 1} (line {lines[i + 1]}), column {columns[j]!r}"
-
-    return _to_table(values, where, path), columns
-
-
-def _is_number(text: str) -> bool:
-    return _NUMBER.fullmatch(text) is not None
-
-
-def _read_npy(path: Path) -> torch.Tensor:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise ZooError(f"{path} could not be read as a .npy array ({err}): save a numeric "
-                       "array with numpy.save") from err
-    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
-        kind = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
-        raise ZooError(f"{path}: expected a numeric array, got {kind}: save a float array")
-    if array.ndim == 1:
-        raise ZooError(f"{path}: expected a table [rows, columns], got shape {array.shape}; save "
-                       "it as x[:, None] for one column")
-    if array.ndim != 2:
-        raise ZooError(f"{path}: expected a table [rows, columns], got shape {array.shape}; "
-                       "reshape it to 2-D (images as x.reshape(len(x), -1))")
-
-    def where(i: int, j: int) -> str:
-        return f"{path}: entry [{i}, {j}] (0-based row, column)"
-
-    return _to_table(array.astype(np.float64), where, path)
-
-
-def _to_table(values: np.ndarray, where: Callable[[int, int], str], path: Path) -> torch.Tensor:
-    """A float32 tensor of a [rows, columns] array, refusing non-finite and too few rows."""
-    rows, cols = values.shape
-    if cols == 0:
-        raise ZooError(f"{path} has no columns: expected a table [rows, columns]")
-    if rows < 2:
-        raise ZooError(f"{path} has {rows} data row(s): need at least 2")
-    bad = np.argwhere(~np.isfinite(values))
-    if len(bad):
-        i, j = bad[0]
-        fix = "remove or impute missing values" if np.isnan(values[i, j]) else "replace it"
-        raise ZooError(f"{where(i, j)} is {values[i, j]}: {fix}")
-    x = torch.from_numpy(values).float()
-    bad = torch.nonzero(~torch.isfinite(x))
-    if len(bad):
-        i, j = bad[0].tolist()
-        raise ZooError(f"{where(i, j)} is {values[i, j]:g}, beyond the float32 range: rescale "
-                       "the column")
-    return x.contiguous()
 
 
 def _check_magnitude(data: Data) -> None:
