@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -56,11 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="vae", choices=["vae", "ppca"])
     parser.add_argument("--particles", type=int, nargs="+", default=list(PARTICLES))
     parser.add_argument("--repeats", type=int, default=3, help="epochs timed per variant")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", default="benchmarks/results", metavar="DIR")
     return parser
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     data = {"vae": "digits", "ppca": "synthetic-ppca"}[args.model]
     experiment = build_experiment(make_config(args.model, data={"name": data}), quiet=True)
     epoch_seconds(experiment, IWAE(num_particles=1))  # warm-up: first-call costs are not timed
@@ -81,13 +85,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
               "batch_size": experiment.config["train"]["batch_size"],
               "num_train": experiment.data.num_train, "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine(), "rows": rows,
-              "single_particle_epoch_s": single}
+              "single_particle_epoch_s": single,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "load_before": load_before, "load_after": os.getloadavg()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "objectives.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"IWAE(K) on {args.model} ({data}, {result['num_train']} training points, batch "
-             f"{result['batch_size']}, {result['threads']} threads); median of {args.repeats} "
-             "epochs", "",
+             f"{result['batch_size']}, {result['threads']} thread(s)); median of {args.repeats} "
+             f"epochs; {result['date']}, load average {load_before[0]:.1f} before, "
+             f"{result['load_after'][0]:.1f} after", "",
              "| K | vectorized (s/epoch) | K passes (s/epoch) | speed-up | vs K=1 epoch |",
              "|---|---|---|---|---|"]
     lines += [f"| {row['K']} | {row['vectorized_s']:.2f} | {row['looped_s']:.2f} | "

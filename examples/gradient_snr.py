@@ -20,8 +20,9 @@ Run it with
 
     python examples/gradient_snr.py [--models ppca vae] [--repeats R] [--out DIR]
 
-The table goes to stdout; ``snr_<model>.png`` (SNR against P, log-log, one panel per
-parameter group) and ``gradient_snr.json`` to DIR.
+The table goes to stdout and, as ``gradient_snr.md`` and ``gradient_snr.json``, to
+``--results`` (default ``benchmarks/results``); ``snr_<model>.png`` (SNR against P, log-log,
+one panel per parameter group) to ``--out``.
 
 The SNRs are measured early in training (``--pretrain-steps``), where the expected gradients
 are far from zero; at an optimum of the ELBO the expected ELBO gradient vanishes, and with it
@@ -34,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=os.environ.get("ZOO_DATA"), metavar="DIR",
                         help="folder holding MNIST/raw; the VAE uses MNIST when it is there")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/gradient-snr", metavar="DIR")
+    parser.add_argument("--out", default="runs/gradient-snr", metavar="DIR",
+                        help="folder of the figures (default: %(default)s)")
+    parser.add_argument("--results", default="benchmarks/results", metavar="DIR",
+                        help="folder of gradient_snr.md and .json (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -134,15 +139,29 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         results[model_name] = measure(model_name, args)
         results[model_name]["figure"] = str(plot_snr(model_name, results[model_name],
                                                      out / f"snr_{model_name}.png"))
-        print(f"\n{model_name} on {results[model_name]['data']}: mean gradient SNR "
-              f"(encoder / decoder), {args.repeats} repeats")
-        print(f"{'objective':10s}" + "".join(f"{'P = ' + str(p):>20s}" for p in args.particles))
-        for name, by_total in results[model_name]["snr"].items():
-            print(f"{name:10s}" + "".join(
-                f"{by_total[p]['encoder_snr_mean']:9.3f} /{by_total[p]['decoder_snr_mean']:8.3f}"
-                for p in args.particles))
-    (out / "gradient_snr.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown_table(results, args)
+    print(table)
+    folder = Path(args.results)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "gradient_snr.md").write_text(table)
+    (folder / "gradient_snr.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def markdown_table(results: dict[str, Any], args: argparse.Namespace) -> str:
+    """One table per model: encoder and decoder SNR of each objective, P along a row."""
+    totals = " / ".join(map(str, args.particles))
+    lines = [f"Mean gradient SNR over {args.repeats} estimates, seed {args.seed} "
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})"]
+    for model_name, result in results.items():
+        lines += ["", f"{model_name} on {result['data']}:", "",
+                  f"| objective | encoder SNR, P = {totals} | decoder SNR, P = {totals} |",
+                  "|---|---|---|"]
+        for name, by_total in result["snr"].items():
+            cells = [" / ".join(f"{by_total[p][f'{group}_snr_mean']:.2f}"
+                                for p in args.particles) for group in ("encoder", "decoder")]
+            lines.append(f"| `{name}` | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -80,13 +80,16 @@ def test_principal_angles():
 def test_gradient_snr_example_runs_as_a_script(tmp_path):
     script = REPO / "examples" / "gradient_snr.py"
     result = _run(script, "--models", "ppca", "--particles", "1", "4", "--repeats", "5",
-                  "--pretrain-steps", "20", "--quiet", "--out", "snr", cwd=tmp_path)
+                  "--pretrain-steps", "20", "--quiet", "--out", "snr", "--results", "results",
+                  cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for name in ("iwae", "miwae", "ciwae", "piwae", "dreg", "elbo"):
         assert name in result.stdout
     assert (tmp_path / "snr" / "snr_ppca.png").read_bytes().startswith(PNG_SIGNATURE)
-    table = json.loads((tmp_path / "snr" / "gradient_snr.json").read_text())
+    table = json.loads((tmp_path / "results" / "gradient_snr.json").read_text())
     assert set(table["ppca"]["snr"]["dreg"]) == {"1", "4"}
+    rows = (tmp_path / "results" / "gradient_snr.md").read_text().splitlines()
+    assert sum(row.startswith("| `") for row in rows) == 6
 
 
 def test_gmm_example_runs_as_a_script(tmp_path):
