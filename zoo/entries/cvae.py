@@ -1,5 +1,5 @@
 """The registry entry of the label-conditioned VAE (:mod:`zoo.models.cvae`): model and guide
-built for a labelled data set, and the figures of :mod:`zoo.generation`."""
+built for a labelled data set, and the figures of :mod:`zoo.figures.images`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from zoo.entries.images import (
 )
 from zoo.entry import ModelEntry
 from zoo.errors import ZooError
-from zoo.generation import CVAE_PLOTS
+from zoo.figures.images import CVAE_PLOTS
 from zoo.guides.cvae import MeanFieldGuide
 from zoo.models.cvae import CVAE
 

@@ -1,5 +1,5 @@
 """The registry entry of the variational autoencoder (:mod:`zoo.models.vae`): model and guide
-built for a data set, and the figures of :mod:`zoo.generation`."""
+built for a data set, and the figures of :mod:`zoo.figures.images`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from zoo.entries.images import (
     resolve_options,
 )
 from zoo.entry import ModelEntry
-from zoo.generation import VAE_PLOTS
+from zoo.figures.images import VAE_PLOTS
 from zoo.guides.vae import MeanFieldGuide
 from zoo.models.vae import VAE
 
