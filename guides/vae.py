@@ -31,7 +31,9 @@ from zoo.networks import Encoder, NetworkAttribute
 
 
 class MeanFieldGuide(PyroModule):
-    """q(z_n | x_n) = N(mu(x_n), diag sigma(x_n)^2) with the encoder ``recognition_net``."""
+    """q(z_n | x_n) = N(mu(x_n), diag sigma(x_n)^2) with the encoder ``recognition_net``;
+    ``hidden_dims`` are its hidden sizes (``mlp`` only), by default those of Burda et al. (2015).
+    """
 
     offers = frozenset({DISTRIBUTION})
     recognition_net = NetworkAttribute()  # read cheaply: see zoo.networks.NetworkAttribute

@@ -65,8 +65,10 @@ class VAE(PyroModule):
     particles at dim -2, z is ``[K, N, M]``. ``decode(z)`` gives p(x | z) and ``mean(z)`` its
     mean, for any leading shape of z.
 
-    ``context_dim`` extra decoder inputs are appended to z (the one-hot label of the CVAE,
-    :mod:`zoo.models.cvae`); 0 for the plain VAE.
+    ``hidden_dims`` are the decoder's hidden sizes (``mlp`` only), by default those of Burda
+    et al. (2015); ``image_shape`` (H, W) is needed by ``conv``. ``context_dim`` extra decoder
+    inputs are appended to z (the one-hot label of the CVAE, :mod:`zoo.models.cvae`); 0 for the
+    plain VAE.
     """
 
     offers = frozenset({DECODER})
