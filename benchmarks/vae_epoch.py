@@ -65,9 +65,9 @@ from torch.nn.functional import binary_cross_entropy_with_logits, softplus
 from zoo import compiled, runs
 from zoo.data import Data, binarize, load_data
 from zoo.evaluate import average_loss
-from zoo.guides.vae import SIGMA_MIN
 from zoo.guides.vae import MeanFieldGuide as VAEGuide
 from zoo.models.vae import VAE
+from zoo.networks import SIGMA_MIN
 from zoo.objectives import ELBO
 from zoo.optimize import make_optimizer
 from zoo.registry import build, get_model

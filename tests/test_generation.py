@@ -10,15 +10,15 @@ from sklearn.decomposition import PCA
 
 from zoo.cli import main
 from zoo.experiment import load_run
-from zoo.generation import (
+from zoo.figures.images import (
     CVAE_PLOTS,
     VAE_PLOTS,
     class_means,
     mosaic,
     principal_components,
-    sample,
     slerp,
 )
+from zoo.generation import sample
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--epochs", "2", "--batch-size", "50", "--quiet"]
