@@ -79,6 +79,9 @@ class VAE(PyroModule):
                  activation: str | None = None, image_shape: Sequence[int] | None = None,
                  context_dim: int = 0):
         super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ZooError(f"unknown likelihood {likelihood!r}; choose one of: "
+                           f"{', '.join(LIKELIHOODS)}")
         self.data_dim = data_dim
         self.latent_dim = latent_dim
         self.likelihood = likelihood
