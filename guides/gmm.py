@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from zoo import standardize
 from zoo.contract import DISCRETE_POSTERIOR, ENUMERATED
+from zoo.entries.gmm_checks import check_options, check_table
 from zoo.errors import ZooError
 
 
@@ -66,6 +67,7 @@ class EnumerateGuide(PyroModule):
 
     def __init__(self, data_dim: int, components: int = 3):
         super().__init__()
+        check_options(components, "full")
         self.data_dim, self.components = data_dim, components
 
     def extra_repr(self) -> str:
@@ -75,6 +77,7 @@ class EnumerateGuide(PyroModule):
         """Nothing to sample: the model's z is summed out by the enumeration that
         ``TraceEnum_ELBO`` (``--loss enum``) wraps around model and guide. Any other objective
         would need q(z | x) from this guide and is refused."""
+        check_table(x, self.data_dim)
         if not any(isinstance(handler, EnumMessenger) for handler in _PYRO_STACK):
             raise ZooError("the enumerate guide has no q(z | x) to draw z from: it leaves z to "
                            "be summed out in the model, which only --loss enum (TraceEnum_ELBO) "
@@ -112,6 +115,7 @@ class AmortizedGuide(PyroModule):
 
     def __init__(self, data_dim: int, components: int = 3):
         super().__init__()
+        check_options(components, "full")
         self.data_dim, self.components = data_dim, components
         num_features = data_dim + data_dim * (data_dim + 1) // 2
         self.encoder = PyroModule[nn.Linear](num_features, components)
@@ -128,11 +132,12 @@ class AmortizedGuide(PyroModule):
     def initialize_from_data(self, x: Tensor) -> None:
         """Standardize the encoder's input with the column means and standard deviations of
         ``x: [N, D]`` (constant columns keep scale 1)."""
+        check_table(x, self.data_dim)
         standardize.fit(self, x)
 
     def features(self, x: Tensor) -> Tensor:
         """phi((x - shift) / scale_in), ``[N, F]``."""
-        return quadratic_features(standardize.standardized(self, x))
+        return quadratic_features(standardize.standardized(self, check_table(x, self.data_dim)))
 
     def log_responsibilities(self, x: Tensor) -> Tensor:
         """log q(z_n = k | x_n), ``[N, K]``."""

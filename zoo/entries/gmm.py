@@ -1,13 +1,13 @@
 """The registry entry of the Gaussian mixture (:mod:`zoo.models.gmm`): building model and guides
-from data with checked options, the amortized guide's start, ``zoo evaluate``'s BIC, and the
-components figure. The initialization is in :mod:`zoo.entries.gmm_start`."""
+from data, the amortized guide's start, ``zoo evaluate``'s BIC, and the components figure. The
+initialization is in :mod:`zoo.entries.gmm_start`, the checks of options and tables (shared by
+model, guides and entry) in :mod:`zoo.entries.gmm_checks`."""
 
 from __future__ import annotations
 
 import torch
 
 from zoo.data import Data
-from zoo.entries.gmm_checks import check_options
 from zoo.entries.gmm_start import initialize_from_data, warn_if_floor_binds
 from zoo.entry import ModelEntry, from_data
 from zoo.figures import gmm as figures
@@ -24,18 +24,16 @@ def build_model(data: Data, *, components: int = 3, covariance: str = "full",
     return model
 
 
-def build_enumerate_guide(data: Data, *, components: int = 3, covariance: str = "full",
-                          **model_options) -> guides.EnumerateGuide:
+def build_enumerate_guide(data: Data, *, components: int = 3, **model_options
+                          ) -> guides.EnumerateGuide:
     """The enumerate guide for ``data`` (the options of the model alone are ignored)."""
-    check_options(components, covariance)
     return guides.EnumerateGuide(data.data_dim, components)
 
 
-def build_amortized_guide(data: Data, *, components: int = 3, covariance: str = "full",
-                          **model_options) -> guides.AmortizedGuide:
+def build_amortized_guide(data: Data, *, components: int = 3, **model_options
+                          ) -> guides.AmortizedGuide:
     """The amortized guide for ``data``, its input standardized with the training rows (the
     options of the model alone are ignored)."""
-    check_options(components, covariance)
     return from_data(guides.AmortizedGuide, data, components=components)
 
 

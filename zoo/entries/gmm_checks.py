@@ -1,5 +1,6 @@
-"""The checks of the Gaussian mixture's options and tables (:mod:`zoo.models.gmm`), each
-refusing bad input in one line that names the command-line flag to change."""
+"""The checks of the Gaussian mixture's options and tables (:mod:`zoo.models.gmm`), shared by
+the model, its guides and its start, each refusing bad input in one line that names the
+command-line flag to change."""
 
 from __future__ import annotations
 
