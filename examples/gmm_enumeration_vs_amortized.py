@@ -43,11 +43,12 @@ from matplotlib.figure import Figure
 from scipy.optimize import linear_sum_assignment
 from sklearn.mixture import GaussianMixture
 
-from zoo import mixture_plots, plots
+from zoo import plots
 from zoo.contract import DISCRETE_POSTERIOR, offers
 from zoo.data import load_data
 from zoo.evaluate import discrete_metrics
 from zoo.experiment import Experiment, build_experiment, make_config
+from zoo.figures import gmm as figures
 from zoo.guides.gmm import EnumerateGuide
 from zoo.objectives import make_objective
 from zoo.registry import get_model
@@ -220,7 +221,7 @@ def _plot(results: dict[str, Any], experiments: dict[str, Experiment], em: dict[
     figure = Figure(figsize=(16, 8), layout="constrained")
     grid = figure.add_gridspec(2, 4)
     two_d = x.shape[1] >= 2
-    plane = mixture_plots.principal_plane(x) if two_d else None
+    plane = figures.principal_plane(x) if two_d else None
     panels = [("em", em["weights"], em["means"], em["covariances"], em["responsibilities"])]
     for route, experiment in experiments.items():
         model, guide = experiment.model, experiment.guide
@@ -236,10 +237,10 @@ def _plot(results: dict[str, Any], experiments: dict[str, Experiment], em: dict[
         gap = em["log_likelihood_train"] - results[route]["log_likelihood_train"]
         title = f"{LABELS[route]}: gap {gap:+.4f}" if route != "em" else LABELS[route]
         if two_d:
-            mixture_plots.draw_components(axes, x, responsibilities, weights, means, covariances,
-                                          plane=plane, title=title)
+            figures.draw_components(axes, x, responsibilities, weights, means, covariances,
+                                    plane=plane, title=title)
         else:
-            mixture_plots.draw_densities(axes, x, weights, means, covariances, title=title)
+            figures.draw_densities(axes, x, weights, means, covariances, title=title)
     axes = figure.add_subplot(grid[1, :])
     shown = [em["log_likelihood_train"]]
     for (route, row), color in zip(((r, results[r]) for r in ROUTES),

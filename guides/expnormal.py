@@ -24,7 +24,7 @@ z >= 0, one guide each:
   for small x the posterior has its mode on the boundary z = 0, where every log-normal density
   vanishes. Minimizing the reverse KL then fits the bulk near the boundary and gives up the
   mass at z -> 0 (q is too light there), so the importance weights p / q have a heavy tail
-  (large k-hat) exactly for those x. :func:`zoo.plots.plot_expnormal_fits` draws it.
+  (large k-hat) exactly for those x. :func:`zoo.figures.expnormal.plot_expnormal_fits` draws it.
 
 The encoder sees x standardized with the training mean and standard deviation
 (``initialize_from_data``), like the PPCA guides.

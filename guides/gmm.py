@@ -23,9 +23,10 @@ name ``"z"`` in the plate ``"data"`` of size N at dim -1.
     and on overlapping clusters (standardized iris) that noise carries the fit into a worse
     local maximum of the likelihood, 0.24 nats per point below EM, which it does not leave.
 
-The guide starts at the exact responsibilities of the model as built (``initialize_from_model``,
-EM's first E-step), not uniform: a uniform q gives every row to every component alike, and the
-model's first steps would pull the components together, away from their k-means++ start.
+The registry starts this guide at the exact responsibilities of the model as built
+(:func:`zoo.entries.gmm.start_amortized`, EM's first E-step), not uniform: a uniform q gives every
+row to every component alike, and the model's first steps would pull the components together,
+away from their k-means++ start.
 
 The encoder. The exact posterior is p(z_n = k | x_n) = softmax_k(a_nk) with
 
@@ -54,8 +55,8 @@ from torch import Tensor, nn
 
 from zoo import standardize
 from zoo.contract import DISCRETE_POSTERIOR, ENUMERATED
+from zoo.entries.gmm_checks import check_options, check_table
 from zoo.errors import ZooError
-from zoo.models.gmm import GMM, check_options, check_table
 
 
 class EnumerateGuide(PyroModule):
@@ -71,12 +72,6 @@ class EnumerateGuide(PyroModule):
 
     def extra_repr(self) -> str:
         return f"data_dim={self.data_dim}, components={self.components}"
-
-    @classmethod
-    def for_data(cls, data, *, components: int = 3, **model_options) -> EnumerateGuide:
-        """The guide for a :class:`~zoo.data.Data` (the registry's builder; the options that
-        concern the model alone are accepted and ignored)."""
-        return cls(data.data_dim, components)
 
     def forward(self, x: Tensor) -> None:
         """Nothing to sample: the model's z is summed out by the enumeration that
@@ -133,14 +128,6 @@ class AmortizedGuide(PyroModule):
     def extra_repr(self) -> str:
         return f"data_dim={self.data_dim}, components={self.components}"
 
-    @classmethod
-    def for_data(cls, data, *, components: int = 3, **model_options) -> AmortizedGuide:
-        """The guide for a :class:`~zoo.data.Data`, its input standardized with the training
-        rows (the registry's builder; options of the model alone are accepted and ignored)."""
-        guide = cls(data.data_dim, components)
-        guide.initialize_from_data(data.x_train)
-        return guide
-
     @torch.no_grad()
     def initialize_from_data(self, x: Tensor) -> None:
         """Standardize the encoder's input with the column means and standard deviations of
@@ -178,18 +165,10 @@ class AmortizedGuide(PyroModule):
                                "baseline": {"nn_baseline": self.baseline,
                                             "nn_baseline_input": phi_per_draw}})
 
-    @torch.no_grad()
-    def initialize_from_model(self, model: GMM) -> None:
-        """Start q(z | x) at the model's exact responsibilities as the model starts (EM's first
-        E-step; :meth:`best_for`), the baseline at zero (see the module docstring for why)."""
-        exact = self.best_for(model)
-        self.shift.copy_(exact.shift)
-        self.scale_in.copy_(exact.scale_in)
-        self.encoder.load_state_dict(exact.encoder.state_dict())
-
     @classmethod
-    def best_for(cls, model: GMM) -> AmortizedGuide:
-        """The exact posterior p(z | x) of the model at its current parameters, as a guide.
+    def best_for(cls, model: nn.Module) -> AmortizedGuide:
+        """The exact posterior p(z | x) of a :class:`~zoo.models.gmm.GMM` at its current
+        parameters, as a guide.
 
         In the model's standardized units u (which this guide then shares), with
         P_k = (L_k L_k^T)^-1 and m_k the standardized mean, a_nk equals, up to a constant in k,
@@ -206,7 +185,7 @@ class AmortizedGuide(PyroModule):
         with torch.no_grad():
             guide.shift.copy_(model.shift)
             guide.scale_in.copy_(model.scale_in)
-            L = model._full_scales()                                    # [K, D, D]
+            L = model.standardized_scale_tril                           # [K, D, D]
             P = torch.cholesky_inverse(L)                               # [K, D, D]
             m = model.locs
             i, j = torch.triu_indices(model.data_dim, model.data_dim, device=L.device)

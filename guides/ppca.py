@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from zoo.contract import DISTRIBUTION
-from zoo.models.ppca import PPCA, check_dims, posterior_parameters
+from zoo.entries.ppca_checks import check_dims
 
 WHITENING_JITTER = 1e-4
 """Added to the data's correlation matrix before its Cholesky factor is taken for whitening."""
@@ -87,7 +87,7 @@ class _AffineGaussianGuide(PyroModule):
         self.encoder.bias.copy_(c + A @ self.shift)
 
     @classmethod
-    def _like(cls, model: PPCA):
+    def _like(cls, model: nn.Module):
         """A new guide in the model's dtype and device, leaving torch's global RNG untouched."""
         with torch.random.fork_rng(devices=[]):
             return cls(model.data_dim, model.latent_dim).to(model.W)
@@ -107,7 +107,7 @@ class MeanFieldGuide(_AffineGaussianGuide):
         return dist.Normal(self.loc(x), self.scale).to_event(1)
 
     @classmethod
-    def best_for(cls, model: PPCA) -> MeanFieldGuide:
+    def best_for(cls, model: nn.Module) -> MeanFieldGuide:
         """The mean-field guide minimizing KL(q(z|x) || p(z|x)) for every x at the model's
         current parameters.
 
@@ -122,8 +122,8 @@ class MeanFieldGuide(_AffineGaussianGuide):
         """
         guide = cls._like(model)
         with torch.no_grad():
-            W, b, sigma = model.W, model.b, model.sigma
-            A, c, _ = posterior_parameters(W, b, sigma)
+            W, sigma = model.W, model.sigma
+            A, c, _ = model.posterior_parameters()
             guide._set_affine(A, c)
             guide.scale = sigma / (W.square().sum(0) + sigma**2).sqrt()
         return guide
@@ -142,13 +142,13 @@ class FullGuide(_AffineGaussianGuide):
         return dist.MultivariateNormal(self.loc(x), scale_tril=self.scale_tril)
 
     @classmethod
-    def best_for(cls, model: PPCA) -> FullGuide:
+    def best_for(cls, model: nn.Module) -> FullGuide:
         """The exact posterior of the model at its current parameters, as a guide:
         A = M^-1 W^T, c = -A b, L = chol(sigma^2 M^-1), so KL(q(z|x) || p(z|x)) = 0 for every x.
         Built in the model's dtype; torch's global RNG is untouched."""
         guide = cls._like(model)
         with torch.no_grad():
-            A, c, L = posterior_parameters(model.W, model.b, model.sigma)
+            A, c, L = model.posterior_parameters()
             guide._set_affine(A, c)
             guide.scale_tril = L
         return guide

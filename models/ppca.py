@@ -66,18 +66,127 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from zoo.contract import EXACT_MARGINAL, EXACT_POSTERIOR, MAXIMUM_LIKELIHOOD
+from zoo.entries.ppca_checks import check_dims
 from zoo.errors import ZooError
 from zoo.linalg import principal_axes
 
 
-def check_dims(data_dim: int, latent_dim: int) -> None:
-    """Raise :class:`ZooError` unless 1 <= latent_dim <= data_dim - 1 (so D >= 2)."""
-    if data_dim < 2:
-        raise ZooError(f"PPCA needs data with at least 2 columns so that 1 <= latent dim < D; "
-                       f"got D = {data_dim}")
-    if not 0 < latent_dim < data_dim:
-        raise ZooError(f"--latent-dim must be between 1 and D-1 = {data_dim - 1} for data with "
-                       f"D = {data_dim} columns; got {latent_dim}")
+class PPCA(PyroModule):
+    """Probabilistic PCA as a Pyro model with parameters ``W: [D, M]``, ``b: [D]``, ``sigma``.
+
+    ``forward(x)`` has sample sites ``"z"`` (latent, ``[N, M]``) and ``"x"`` (observed,
+    ``[N, D]``) inside the plate ``"data"`` at dim -1; it broadcasts under outer plates, e.g.
+    particles at dim -2 give ``z: [K, N, M]``. The closed forms of the module docstring are
+    available as methods at the model's own parameters: ``marginal_log_prob``, ``posterior`` (and
+    its ``posterior_parameters``) and ``maximum_likelihood``.
+
+    ``sigma`` is a constrained parameter: the state dict holds ``sigma_unconstrained`` (its log);
+    reading ``model.sigma`` gives the positive value, and ``model.sigma = tensor`` sets it.
+
+    ``W`` and ``b`` are in the units of the data: ``record_scale`` (called by the
+    initializations) records the data's scale s (the root mean column variance) and
+    ``step_scales`` asks the training engine to step them in units of s
+    (:class:`zoo.optimize.StepScaled`), so one learning rate fits tables of any scale.
+    ``log sigma`` needs no scale.
+    """
+
+    offers = frozenset({EXACT_MARGINAL, EXACT_POSTERIOR, MAXIMUM_LIKELIHOOD})
+
+    def __init__(self, data_dim: int, latent_dim: int):
+        super().__init__()
+        check_dims(data_dim, latent_dim)
+        self.data_dim = data_dim
+        self.latent_dim = latent_dim
+        self.W = nn.Parameter(0.1 * torch.randn(data_dim, latent_dim))
+        self.b = nn.Parameter(torch.zeros(data_dim))
+        self.sigma = PyroParam(torch.tensor(1.0), constraint=constraints.positive)
+        self.data_scale = 1.0
+
+    def forward(self, x: Tensor) -> None:
+        """p(x, z) = prod_n N(z_n | 0, I_M) N(x_n | W z_n + b, sigma^2 I_D), ``x: [N, D]``."""
+        self._check(x)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ self.W.T + self.b, self.sigma).to_event(1), obs=x)
+
+    def marginal_log_prob(self, x: Tensor) -> Tensor:
+        """Exact log p(x_n) at the model's parameters, shape [N]."""
+        return marginal_log_prob(self._check(x), self.W, self.b, self.sigma)
+
+    def posterior(self, x: Tensor) -> dist.MultivariateNormal:
+        """Exact p(z_n | x_n) at the model's parameters: batch shape [N], event shape [M]."""
+        return posterior(self._check(x), self.W, self.b, self.sigma)
+
+    def posterior_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The exact posterior p(z | x) = N(A x + c, L L^T) at the model's parameters as
+        ``(A: [M, D], c: [M], L: [M, M])`` (:func:`posterior_parameters`)."""
+        return posterior_parameters(self.W, self.b, self.sigma)
+
+    def maximum_likelihood(self, x: Tensor) -> PPCA:
+        """A new PPCA of the same sizes at the closed-form maximum-likelihood parameters of x,
+        in x's dtype and device. This model is untouched, and so is torch's global RNG."""
+        W, b, sigma = maximum_likelihood(self._check(x), self.latent_dim)
+        with torch.random.fork_rng(devices=[]):
+            optimum = PPCA(self.data_dim, self.latent_dim)
+        optimum = optimum.to(W)
+        optimum.set_parameters(W, b, sigma)
+        return optimum
+
+    def step_scales(self) -> dict[str, float]:
+        """Parameter name -> the data's scale s, for the parameters in data units."""
+        return {"W": self.data_scale, "b": self.data_scale}
+
+    def extra_repr(self) -> str:
+        return f"data_dim={self.data_dim}, latent_dim={self.latent_dim}"
+
+    def _check(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.data_dim:
+            raise ZooError(f"PPCA data must have shape [N, D = {self.data_dim}] to match the "
+                           f"model; got shape {list(x.shape)}")
+        return x
+
+    @torch.no_grad()
+    def set_parameters(self, W: Tensor | None = None, b: Tensor | None = None,
+                       sigma: Tensor | float | None = None) -> None:
+        """Overwrite any of W, b, sigma in place, keeping the model's dtype and device."""
+        if W is not None:
+            self.W.copy_(W)
+        if b is not None:
+            self.b.copy_(b)
+        if sigma is not None:
+            self.sigma = torch.as_tensor(sigma).to(self.b)
+
+    @torch.no_grad()
+    def initialize_from_data(self, x: Tensor) -> None:
+        """Start training from the data's location and scale instead of the unit defaults.
+
+        With s^2 the mean column variance of x: b = the column means, sigma = s / 2 and
+        W ~ N(0, (s / 10)^2) entrywise (drawn from torch's global RNG; small and random, to break
+        the rotation symmetry of W). The same default learning rate then works for tables of any
+        scale. Constant data (s = 0) fall back to s = 1.
+
+        Columns whose standard deviations differ by more than a factor of 100 draw a warning:
+        the noise sigma^2 I is the same in every column, so PPCA then models little more than
+        the largest columns, and training converges slowly; standardizing usually fits the
+        question better.
+        """
+        x = self._check(x)
+        std = x.std(0)
+        spread = (std.max() / std[std > 0].min()).item() if (std > 0).any() else 1.0
+        if spread > 100:
+            warnings.warn(f"the data's column standard deviations differ by a factor of "
+                          f"{spread:.0f}; PPCA's noise is isotropic, so it will mostly fit the "
+                          f"largest columns. Consider --standardize.", stacklevel=2)
+        s = x.new_tensor(self.record_scale(x))
+        W = 0.1 * s * torch.randn(self.W.shape, dtype=self.W.dtype, device=self.W.device)
+        self.set_parameters(W=W, b=x.mean(0), sigma=0.5 * s)
+
+    def record_scale(self, x: Tensor) -> float:
+        """Record (in ``data_scale``) and return the data's scale s, the root mean column
+        variance of ``x`` (1 for constant data)."""
+        s = x.var(0, unbiased=False).mean().sqrt().item() if x.shape[0] > 1 else 0.0
+        self.data_scale = s if s > 0 else 1.0
+        return self.data_scale
 
 
 def _cholesky_of_M(W: Tensor, sigma: Tensor) -> Tensor:
@@ -157,116 +266,3 @@ def maximum_likelihood(x: Tensor, latent_dim: int) -> tuple[Tensor, Tensor, Tens
                        f"use a smaller --latent-dim or more varied data")
     W = U[:, :latent_dim] * (Lambda[:latent_dim] - sigma2).clamp(min=0).sqrt()
     return W.to(dtype), b.to(dtype), sigma2.sqrt().to(dtype)
-
-
-class PPCA(PyroModule):
-    """Probabilistic PCA as a Pyro model with parameters ``W: [D, M]``, ``b: [D]``, ``sigma``.
-
-    ``forward(x)`` has sample sites ``"z"`` (latent, ``[N, M]``) and ``"x"`` (observed,
-    ``[N, D]``) inside the plate ``"data"`` at dim -1; it broadcasts under outer plates, e.g.
-    particles at dim -2 give ``z: [K, N, M]``. The closed forms of the module docstring are
-    available as methods at the model's own parameters: ``marginal_log_prob``, ``posterior`` and
-    ``maximum_likelihood``.
-
-    ``sigma`` is a constrained parameter: the state dict holds ``sigma_unconstrained`` (its log);
-    reading ``model.sigma`` gives the positive value, and ``model.sigma = tensor`` sets it.
-
-    ``W`` and ``b`` are in the units of the data: ``record_scale`` (called by the
-    initializations) records the data's scale s (the root mean column variance) and
-    ``step_scales`` asks the training engine to step them in units of s
-    (:class:`zoo.optimize.StepScaled`), so one learning rate fits tables of any scale.
-    ``log sigma`` needs no scale.
-    """
-
-    offers = frozenset({EXACT_MARGINAL, EXACT_POSTERIOR, MAXIMUM_LIKELIHOOD})
-
-    def __init__(self, data_dim: int, latent_dim: int):
-        super().__init__()
-        check_dims(data_dim, latent_dim)
-        self.data_dim = data_dim
-        self.latent_dim = latent_dim
-        self.W = nn.Parameter(0.1 * torch.randn(data_dim, latent_dim))
-        self.b = nn.Parameter(torch.zeros(data_dim))
-        self.sigma = PyroParam(torch.tensor(1.0), constraint=constraints.positive)
-        self.data_scale = 1.0
-
-    def step_scales(self) -> dict[str, float]:
-        """Parameter name -> the data's scale s, for the parameters in data units."""
-        return {"W": self.data_scale, "b": self.data_scale}
-
-    def extra_repr(self) -> str:
-        return f"data_dim={self.data_dim}, latent_dim={self.latent_dim}"
-
-    def _check(self, x: Tensor) -> Tensor:
-        if x.dim() != 2 or x.shape[1] != self.data_dim:
-            raise ZooError(f"PPCA data must have shape [N, D = {self.data_dim}] to match the "
-                           f"model; got shape {list(x.shape)}")
-        return x
-
-    @torch.no_grad()
-    def set_parameters(self, W: Tensor | None = None, b: Tensor | None = None,
-                       sigma: Tensor | float | None = None) -> None:
-        """Overwrite any of W, b, sigma in place, keeping the model's dtype and device."""
-        if W is not None:
-            self.W.copy_(W)
-        if b is not None:
-            self.b.copy_(b)
-        if sigma is not None:
-            self.sigma = torch.as_tensor(sigma).to(self.b)
-
-    @torch.no_grad()
-    def initialize_from_data(self, x: Tensor) -> None:
-        """Start training from the data's location and scale instead of the unit defaults.
-
-        With s^2 the mean column variance of x: b = the column means, sigma = s / 2 and
-        W ~ N(0, (s / 10)^2) entrywise (drawn from torch's global RNG; small and random, to break
-        the rotation symmetry of W). The same default learning rate then works for tables of any
-        scale. Constant data (s = 0) fall back to s = 1.
-
-        Columns whose standard deviations differ by more than a factor of 100 draw a warning:
-        the noise sigma^2 I is the same in every column, so PPCA then models little more than
-        the largest columns, and training converges slowly; standardizing usually fits the
-        question better.
-        """
-        x = self._check(x)
-        std = x.std(0)
-        spread = (std.max() / std[std > 0].min()).item() if (std > 0).any() else 1.0
-        if spread > 100:
-            warnings.warn(f"the data's column standard deviations differ by a factor of "
-                          f"{spread:.0f}; PPCA's noise is isotropic, so it will mostly fit the "
-                          f"largest columns. Consider --standardize.", stacklevel=2)
-        s = x.new_tensor(self.record_scale(x))
-        W = 0.1 * s * torch.randn(self.W.shape, dtype=self.W.dtype, device=self.W.device)
-        self.set_parameters(W=W, b=x.mean(0), sigma=0.5 * s)
-
-    def record_scale(self, x: Tensor) -> float:
-        """Record (in ``data_scale``) and return the data's scale s, the root mean column
-        variance of ``x`` (1 for constant data)."""
-        s = x.var(0, unbiased=False).mean().sqrt().item() if x.shape[0] > 1 else 0.0
-        self.data_scale = s if s > 0 else 1.0
-        return self.data_scale
-
-    def forward(self, x: Tensor) -> None:
-        """p(x, z) = prod_n N(z_n | 0, I_M) N(x_n | W z_n + b, sigma^2 I_D), ``x: [N, D]``."""
-        self._check(x)
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z @ self.W.T + self.b, self.sigma).to_event(1), obs=x)
-
-    def marginal_log_prob(self, x: Tensor) -> Tensor:
-        """Exact log p(x_n) at the model's parameters, shape [N]."""
-        return marginal_log_prob(self._check(x), self.W, self.b, self.sigma)
-
-    def posterior(self, x: Tensor) -> dist.MultivariateNormal:
-        """Exact p(z_n | x_n) at the model's parameters: batch shape [N], event shape [M]."""
-        return posterior(self._check(x), self.W, self.b, self.sigma)
-
-    def maximum_likelihood(self, x: Tensor) -> PPCA:
-        """A new PPCA of the same sizes at the closed-form maximum-likelihood parameters of x,
-        in x's dtype and device. This model is untouched, and so is torch's global RNG."""
-        W, b, sigma = maximum_likelihood(self._check(x), self.latent_dim)
-        with torch.random.fork_rng(devices=[]):
-            optimum = PPCA(self.data_dim, self.latent_dim)
-        optimum = optimum.to(W)
-        optimum.set_parameters(W, b, sigma)
-        return optimum

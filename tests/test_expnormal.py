@@ -22,10 +22,10 @@ from zoo.data import Data
 from zoo.diagnostics import DiagnosticSettings, diagnose, importance_diagnostics
 from zoo.distributions import TruncatedNormal
 from zoo.errors import ZooError
+from zoo.figures.expnormal import EXPNORMAL_FIT_X, plot_expnormal_fits
 from zoo.guides.expnormal import LogNormalGuide, NormalGuide
 from zoo.models.expnormal import ExpNormal, marginal_log_prob, posterior
 from zoo.objectives import log_weights, make_objective
-from zoo.plots import EXPNORMAL_FIT_X, plot_expnormal_fits
 from zoo.registry import build, get_model
 from zoo.train import TrainSettings, fit, seed_everything
 

@@ -27,11 +27,13 @@ from sklearn.mixture import GaussianMixture
 
 from zoo.cli import main
 from zoo.data import Data, load_data
+from zoo.entries import gmm_start
+from zoo.entries.gmm import build_amortized_guide
+from zoo.entries.gmm_start import initialize_from_data, set_parameters, warn_if_floor_binds
 from zoo.errors import ZooError
 from zoo.evaluate import discrete_metrics
 from zoo.experiment import build_experiment, draw_figures, make_config
 from zoo.guides.gmm import AmortizedGuide, EnumerateGuide, quadratic_features
-from zoo.models import gmm
 from zoo.models.gmm import GMM, SCALE_FLOOR
 from zoo.objectives import make_objective
 from zoo.registry import build, get_model
@@ -75,7 +77,7 @@ def random_model(K, D, covariance, x, prior="none", parameters=None):
         model.shift.copy_(x.mean(0))
         model.scale_in.copy_(x.std(0))
         model.num_data.fill_(x.shape[0])
-    model.set_parameters(*(parameters or random_parameters(K, D, covariance)))
+    set_parameters(model, *(parameters or random_parameters(K, D, covariance)))
     return model
 
 
@@ -331,7 +333,7 @@ def test_amortized_guide_learns_the_responsibilities(synthetic):
     x = synthetic.x_train
     with torch.no_grad():
         metrics = discrete_metrics(model, guide, x)
-        uniform = discrete_metrics(model, AmortizedGuide.for_data(synthetic, components=3), x)
+        uniform = discrete_metrics(model, build_amortized_guide(synthetic, components=3), x)
     assert uniform["responsibility_kl"] > 0.9
     assert metrics["responsibility_kl"] < 0.05
     assert metrics["elbo"] == pytest.approx(metrics["log_likelihood"]
@@ -364,14 +366,15 @@ def test_amortized_guide_reaches_enumeration_on_iris():
 def test_restarts_keep_the_best_candidate():
     x = _iris().x_train
     model = GMM(4, 3, "full")
-    model.initialize_from_data(x, restarts=5, generator=torch.Generator().manual_seed(3))
+    initialize_from_data(model, x, restarts=5, generator=torch.Generator().manual_seed(3))
     # the same five candidates again, from the same generator
     generator = torch.Generator().manual_seed(3)
     u = ((x.double() - x.double().mean(0)) / x.double().std(0))
-    candidates = [gmm.cluster_moments(u, gmm.lloyd(u, gmm.kmeans_plus_plus(u, 3, generator)),
-                                      3, "full") for _ in range(5)]
+    candidates = [gmm_start.cluster_moments(
+                      u, gmm_start.lloyd(u, gmm_start.kmeans_plus_plus(u, 3, generator)), 3, "full")
+                  for _ in range(5)]
     stacked = (torch.stack(column) for column in zip(*candidates, strict=True))
-    *_, log_likelihoods = gmm.refine(u, *stacked, "full")
+    *_, log_likelihoods = gmm_start.refine(u, *stacked, "full")
     assert log_likelihoods.max() - log_likelihoods.min() > 0.01    # the choice matters here
     with torch.no_grad():
         chosen = model.marginal_log_prob(x).mean() + x.double().std(0).log().sum()
@@ -391,7 +394,7 @@ def test_a_collapsed_fit_warns_in_the_figures_drawn_after_training(tmp_path):
                   settings=experiment.settings)
     covariances = model.covariances.detach().clone()
     covariances[2] = torch.diag((1.2 * SCALE_FLOOR * x.std(0)) ** 2)   # collapsed onto a point
-    model.set_parameters(covariances=covariances)
+    set_parameters(model, covariances=covariances)
     with pytest.warns(UserWarning, match=r"variance floor binds for component\(s\) 2"):
         draw_figures(experiment, history, tmp_path)
 
@@ -399,15 +402,15 @@ def test_a_collapsed_fit_warns_in_the_figures_drawn_after_training(tmp_path):
 def test_variance_floor_warns_when_it_binds():
     x = torch.randn(50, 2, dtype=f64)
     model = random_model(2, 2, "diag", x)
-    assert not model.warn_if_floor_binds()
+    assert not warn_if_floor_binds(model)
     variances = model.covariances.detach().clone()
     variances[1] = torch.diag((1.2 * SCALE_FLOOR * x.std(0)) ** 2)
-    model.set_parameters(covariances=variances)
+    set_parameters(model, covariances=variances)
     with pytest.warns(UserWarning, match=r"variance floor binds for component\(s\) 1"):
-        assert model.warn_if_floor_binds()
+        assert warn_if_floor_binds(model)
     assert torch.isfinite(model.marginal_log_prob(x)).all()
     with pytest.raises(ZooError, match="below the variance floor"):
-        model.set_parameters(covariances=variances / 4)
+        set_parameters(model, covariances=variances / 4)
 
 
 @pytest.mark.parametrize("parameters, message", [
@@ -430,7 +433,7 @@ def test_set_parameters_refuses_bad_values_and_keeps_the_model(parameters, messa
     valid = {"weights": [0.5, 0.5], "means": torch.zeros(2, 2),
              "covariances": torch.eye(2).expand(2, 2, 2)}
     with pytest.raises(ZooError, match=message):
-        model.set_parameters(**(valid | parameters))
+        set_parameters(model, **(valid | parameters))
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
 
@@ -573,27 +576,27 @@ def test_model_and_guides_on_cuda(covariance):
     make_objective("tracegraph", num_particles=3).differentiable_loss(on_gpu, exact, x_gpu
                                                                       ).backward()
     assert all(torch.isfinite(p.grad).all() for p in on_gpu.parameters())
-    on_gpu.set_parameters(*random_parameters(K, D, covariance))       # CPU values, GPU model
-    on_gpu.initialize_from_data(x_gpu, restarts=2)
+    set_parameters(on_gpu, *random_parameters(K, D, covariance))     # CPU values, GPU model
+    initialize_from_data(on_gpu, x_gpu, restarts=2)
     assert on_gpu.locs.device.type == "cuda"
 
 
 def test_bad_tables():
     model = GMM(1, 2)
     with pytest.raises(ZooError, match=r"table of shape \[N, D\]; got shape \[10\].*x\[:, None\]"):
-        model.initialize_from_data(torch.randn(10))
+        initialize_from_data(model, torch.randn(10))
     with pytest.raises(ZooError, match=r"shape \[N, D = 1\]"):
         model.marginal_log_prob(torch.randn(10, 2))
     with pytest.raises(ZooError, match=r"column\(s\) 1 \(0-based\) .* constant.*drop"):
-        GMM(3, 2).initialize_from_data(torch.cat([torch.randn(20, 1), torch.ones(20, 1),
-                                                  torch.randn(20, 1)], 1))
+        initialize_from_data(GMM(3, 2), torch.cat([torch.randn(20, 1), torch.ones(20, 1),
+                                                   torch.randn(20, 1)], 1))
     with pytest.raises(ZooError, match="NaN or infinite"):
-        GMM(2, 2).initialize_from_data(torch.tensor([[0.0, 1.0], [float("nan"), 2.0],
-                                                     [1.0, 0.0]]))
+        initialize_from_data(GMM(2, 2), torch.tensor([[0.0, 1.0], [float("nan"), 2.0],
+                                                      [1.0, 0.0]]))
     with pytest.raises(ZooError, match="K = 3 is more than the N = 2 training rows"):
-        GMM(2, 3).initialize_from_data(torch.randn(2, 2))
+        initialize_from_data(GMM(2, 3), torch.randn(2, 2))
     with pytest.raises(ZooError, match="fewer than K = 3 distinct rows"):
-        GMM(2, 3).initialize_from_data(torch.tensor([[0.0, 1.0], [1.0, 0.0]]).repeat(5, 1))
+        initialize_from_data(GMM(2, 3), torch.tensor([[0.0, 1.0], [1.0, 0.0]]).repeat(5, 1))
     with pytest.raises(ZooError, match="--components must be a positive integer"):
         GMM(2, 0)
     with pytest.raises(ZooError, match="prior must be one of: none, weak"):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from functools import partial
 
-from zoo import plots
 from zoo.data import Data
 from zoo.entry import TO_CONVERGENCE, ModelEntry, from_data
+from zoo.figures import expnormal as figures
 from zoo.guides import expnormal as guides
 from zoo.models.expnormal import ExpNormal
 
@@ -25,6 +25,6 @@ ENTRY = ModelEntry(
     default_data="synthetic-expnormal",
     train=TO_CONVERGENCE,
     demo={"steps": 1500},
-    plots={"posterior-fit": plots.plot_expnormal_fits},
+    plots={"posterior-fit": figures.plot_expnormal_fits},
     figures=("posterior-fit",),
 )

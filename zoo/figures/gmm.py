@@ -19,6 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from zoo.contract import DISCRETE_POSTERIOR, offers
+from zoo.entries.gmm_start import warn_if_floor_binds
 from zoo.linalg import principal_axes
 from zoo.plots import covariance_ellipse, save_figure
 
@@ -115,7 +116,7 @@ def plot_run_components(experiment, path: str | Path) -> Path:
     by q instead. Warns when a fitted component sits at the variance floor (collapsed), which
     the figure would show only as a tiny ellipse."""
     model, guide, x = experiment.model, experiment.guide, experiment.data.x_train
-    model.warn_if_floor_binds()
+    warn_if_floor_binds(model)
     weights, means, covariances = model.weights, model.means, model.covariances
     name = f"gmm, K = {model.components}, {model.covariance} covariances"
     if x.shape[1] == 1 or not offers(guide, DISCRETE_POSTERIOR):
