@@ -32,11 +32,12 @@ from zoo.entries.gmm import build_amortized_guide
 from zoo.entries.gmm_start import initialize_from_data, set_parameters, warn_if_floor_binds
 from zoo.errors import ZooError
 from zoo.evaluate import discrete_metrics
-from zoo.experiment import build_experiment, draw_figures, make_config
+from zoo.experiment import build_experiment, make_config
 from zoo.guides.gmm import AmortizedGuide, EnumerateGuide, quadratic_features
 from zoo.models.gmm import GMM, SCALE_FLOOR
 from zoo.objectives import make_objective
 from zoo.registry import build, get_model
+from zoo.run_figures import draw_figures
 from zoo.train import TrainSettings, fit, seed_everything
 
 f64 = torch.float64

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,12 @@ from typing import Any
 import torch
 
 import zoo
-from zoo import distributed, plots, runs
-from zoo.contract import DISTRIBUTION, EXACT_POSTERIOR, MAXIMUM_LIKELIHOOD, offers
+from zoo import distributed, plots, run_figures, runs
 from zoo.convergence import converged, convergence
 from zoo.data import Data, binarize, load_data
 from zoo.errors import ZooError
 from zoo.evaluate import evaluate
 from zoo.objectives import make_objective
-from zoo.progress import progress_bar
 from zoo.registry import ModelEntry, build, get_model
 from zoo.train import (
     TrainSettings,
@@ -296,72 +293,7 @@ def _train(experiment: Experiment, run_dir: Path, checkpoint: dict[str, Any] | N
                                     "convergence": convergence(history, experiment.settings)})
     experiment.model.cpu(), experiment.guide.cpu()
     if distributed.is_main():
-        draw_figures(experiment, history, run_dir / runs.FIGURES)
-
-
-def _plot_loss(experiment: Experiment, path: Path) -> Path:
-    """The loss curves of the run's history, with the closed-form optimum as reference when
-    the model has one."""
-    model, x = experiment.model, experiment.data.x_train
-    reference = None
-    if offers(model, MAXIMUM_LIKELIHOOD):
-        reference = -model.maximum_likelihood(x).marginal_log_prob(x).mean().item()
-    return plots.plot_training(experiment.history, path, reference=reference,
-                               reference_label="closed-form optimum")
-
-
-POSTERIOR_POINTS = 6
-"""Training points whose exact and approximate posteriors the ``posterior`` figure draws."""
-
-
-def _plot_posterior(experiment: Experiment, path: Path) -> Path:
-    points = experiment.data.x_train[:POSTERIOR_POINTS]
-    return plots.plot_posterior_ellipses(
-        experiment.model.posterior(points), experiment.guide.distribution(points), path,
-        title=f"{experiment.entry.name}: exact vs {experiment.config['guide']} guide")
-
-
-def plot_kinds(experiment: Experiment) -> dict[str, Any]:
-    """Every figure of a run, ``kind -> plot(experiment, path) -> path``: the model's own
-    (``ModelEntry.plots``), then ``posterior`` (exact against approximate posteriors of a few
-    training points over the first two latent dimensions) when the model has a closed-form
-    posterior and the guide exposes q with at least two dimensions, then ``loss``."""
-    model, guide = experiment.model, experiment.guide
-    kinds = dict(experiment.entry.plots)
-    if offers(model, EXACT_POSTERIOR) and offers(guide, DISTRIBUTION):
-        points = experiment.data.x_train[:POSTERIOR_POINTS]
-        if guide.distribution(points).event_shape[-1:] >= (2,):
-            kinds["posterior"] = _plot_posterior
-    kinds["loss"] = _plot_loss
-    return kinds
-
-
-def training_figures(experiment: Experiment) -> list[str]:
-    """The kinds every training run draws, in reading order: the loss curves, the posterior
-    figure where there is one, and the model's own figures (``ModelEntry.figures``)."""
-    kinds = plot_kinds(experiment)
-    return ["loss", *(["posterior"] if "posterior" in kinds else []), *experiment.entry.figures]
-
-
-@torch.no_grad()
-def draw_figures(experiment: Experiment, history: list[dict[str, float]], folder: Path
-                 ) -> list[Path]:
-    """Draw the :func:`training_figures` of a run that has just trained into ``folder``, with
-    a progress bar unless the run is quiet."""
-    experiment.history = history
-    experiment.model.eval(), experiment.guide.eval()
-    kinds, names = plot_kinds(experiment), training_figures(experiment)
-    if experiment.entry.images and experiment.data.image_shape is None:
-        warnings.warn(f"{experiment.data.name} is a table, not images: the figures "
-                      f"{', '.join(experiment.entry.figures)} are left out", stacklevel=2)
-        names = [name for name in names if name not in experiment.entry.figures]
-    figures = []
-    with progress_bar(len(names), "training figures", quiet=experiment.settings.quiet,
-                      unit="figure") as bar:
-        for kind in names:
-            figures.append(kinds[kind](experiment, folder / f"{kind}.png"))
-            bar.update()
-    return figures
+        run_figures.draw_figures(experiment, history, run_dir / runs.FIGURES)
 
 
 def load_run(run_dir: str | os.PathLike) -> Experiment:
@@ -410,13 +342,13 @@ def evaluate_run(run_dir: str | os.PathLike, *, num_samples: int = 1000,
 
 def plot_run(run_dir: str | os.PathLike, kind: str | None = None,
              out: str | os.PathLike | None = None) -> Path:
-    """Draw the figure ``kind`` of a trained run (see :func:`plot_kinds`; None: the first) into
-    ``out`` (default ``RUN/figures/<kind>.png``; ``.png`` is added to a name without a suffix);
-    return the path written."""
+    """Draw the figure ``kind`` of a trained run (see :func:`zoo.run_figures.plot_kinds`; None:
+    the first) into ``out`` (default ``RUN/figures/<kind>.png``; ``.png`` is added to a name
+    without a suffix); return the path written."""
     if out is not None:
         out = check_output(plots.figure_path(out), folder=False)
     experiment = load_run(run_dir)
-    kinds = plot_kinds(experiment)
+    kinds = run_figures.plot_kinds(experiment)
     kind = kind or next(iter(kinds))
     if kind not in kinds:
         raise ZooError(f"unknown plot kind '{kind}' for model {experiment.entry.name}; "
