@@ -73,7 +73,8 @@ class ELBO(Objective):
     With ``analytic_kl`` (the default) the KL is taken in closed form when every latent site of
     guide and prior has one (Gaussian pairs), else estimated from the draws as
     E_q[log q(z | x) - log p(z)], which is Pyro's ``Trace_ELBO`` estimator draw for draw.
-    ``free_bits`` lambda > 0 replaces the KL by the free-bits term (see :func:`free_bits_kl`).
+    ``free_bits`` lambda > 0 replaces the KL by the free-bits term
+    (see :func:`~zoo.objectives.kl.free_bits_kl`).
     Masked data points count as absent in every form. With a global latent variable the KL
     terms are those of the whole batch, each site's scaled as Pyro scales it, which is Pyro's
     ``Trace_ELBO`` (Monte-Carlo KL) and ``TraceMeanField_ELBO`` (closed form) draw for draw.

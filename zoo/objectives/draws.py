@@ -130,14 +130,15 @@ def draw(model: Callable, guide: Callable, *args: Tensor, num_particles: int = 1
     subsamples) and its scale are those of the draws. Gradients flow through the
     reparameterized draws. ``stop_guide_gradients`` scores log q(z | x) with the guide's
     parameters detached (the draws z keep their gradient): the DReG form. ``route`` replays
-    the model on views of the draws, listed in ``Draws.routes``, for :func:`routed_surrogate`.
+    the model on views of the draws, listed in ``Draws.routes``, for
+    :func:`~zoo.objectives.routing.routed_surrogate`.
 
     A site outside the data plate is refused, unless ``allow_joint``: then the draws weight the
-    batch jointly (``Draws.joint``, see the module's plate rule), and any scale other than 1 is
-    refused unless ``scaled_sites`` (each site then carries its own, as in the ELBO). With
-    ``scaled_sites``, sites of different scales inside the data plate are weighted jointly too.
-    Under Pyro's validation, model and guide are checked against each other as Pyro's ELBOs
-    check them (a guide site missing from the model gives Pyro's warning).
+    batch jointly (``Draws.joint``, see the plate rule in :mod:`zoo.objectives`), and any scale
+    other than 1 is refused unless ``scaled_sites`` (each site then carries its own, as in the
+    ELBO). With ``scaled_sites``, sites of different scales inside the data plate are weighted
+    jointly too. Under Pyro's validation, model and guide are checked against each other as
+    Pyro's ELBOs check them (a guide site missing from the model gives Pyro's warning).
     """
     if num_particles < 1:
         raise ZooError(f"the number of particles must be at least 1; got {num_particles}")

@@ -1,9 +1,10 @@
 r"""KL divergences between a guide's q and a distribution p of the same latent variable: in
 closed form where torch has one, also for a Gaussian pair of which one is diagonal and the
-other full (:func:`as_multivariate`), else estimated by Monte Carlo. :func:`closed_form_kl` is
-that chain without the estimate; the ELBO's KL term (:func:`latent_kl`), its free-bits form
-(:func:`free_bits_kl`), the diagnostics' and the evaluation's KL to an exact posterior
-(:func:`posterior_kl`) all go through it."""
+other full (:func:`as_multivariate`), else estimated by Monte Carlo: :func:`posterior_kl`, the
+KL to an exact posterior that the diagnostics and the evaluation report. :func:`closed_form_kl`
+is that chain without the estimate, for the ELBO's KL term (:func:`latent_kl`), which falls
+back on the Monte-Carlo terms of its own draws. :func:`free_bits_kl` takes the KL of each
+dimension of a factorized Gaussian."""
 
 from __future__ import annotations
 
