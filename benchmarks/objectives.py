@@ -28,7 +28,8 @@ import torch
 
 from zoo.experiment import build_experiment, make_config
 from zoo.objectives import IWAE, Objective, log_weights
-from zoo.train import TrainSettings, fit
+from zoo.settings import TrainSettings
+from zoo.train import fit
 
 PARTICLES = (1, 5, 50)
 

@@ -71,7 +71,8 @@ from zoo.networks import SIGMA_MIN
 from zoo.objectives import ELBO
 from zoo.optimize import make_optimizer
 from zoo.registry import build, get_model
-from zoo.train import TrainSettings, fit
+from zoo.settings import TrainSettings
+from zoo.train import fit
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

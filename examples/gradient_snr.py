@@ -42,8 +42,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from zoo.experiment import build_experiment, make_config
-from zoo.gradient_snr import gradient_snr
-from zoo.objectives import make_objective
+from zoo.objectives import gradient_snr, make_objective
 from zoo.plots import save_figure
 from zoo.train import fit, seed_everything
 

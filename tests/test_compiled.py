@@ -16,7 +16,8 @@ from pyro.nn import PyroModule
 from zoo import compiled, runs
 from zoo.experiment import build_experiment, make_config
 from zoo.objectives import make_objective
-from zoo.train import TrainSettings, fit
+from zoo.settings import TrainSettings
+from zoo.train import fit
 
 OBJECTIVES = [("elbo", {}), ("elbo", {"num_particles": 3, "anneal_epochs": 2.0}),
               ("iwae", {"num_particles": 5}), ("miwae", {"num_particles": 6, "num_groups": 2}),

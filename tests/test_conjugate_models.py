@@ -42,7 +42,8 @@ from pyro.nn import PyroModule, PyroParam
 from torch.distributions import constraints
 
 from zoo.objectives import CIWAE, ELBO, IWAE, MIWAE, PIWAE, DReG
-from zoo.train import TrainSettings, fit
+from zoo.settings import TrainSettings
+from zoo.train import fit
 
 
 def _squared_error(value: torch.Tensor, target: torch.Tensor) -> float:

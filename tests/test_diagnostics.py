@@ -39,7 +39,8 @@ from zoo.models.ppca import PPCA, maximum_likelihood
 from zoo.objectives import log_weights, make_objective
 from zoo.registry import build, get_model
 from zoo.report import format_value
-from zoo.train import TrainSettings, fit, seed_everything
+from zoo.settings import TrainSettings
+from zoo.train import fit, seed_everything
 
 f64 = torch.float64
 SMALL = DiagnosticSettings(num_chains=2, num_draws=250, nuts_points=2, nuts_chains=2,

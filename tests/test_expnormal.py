@@ -27,7 +27,8 @@ from zoo.guides.expnormal import LogNormalGuide, NormalGuide
 from zoo.models.expnormal import ExpNormal, marginal_log_prob, posterior
 from zoo.objectives import log_weights, make_objective
 from zoo.registry import build, get_model
-from zoo.train import TrainSettings, fit, seed_everything
+from zoo.settings import TrainSettings
+from zoo.train import fit, seed_everything
 
 f64 = torch.float64
 X = torch.tensor([[-3.0], [-1.0], [0.5], [2.0], [4.0]], dtype=f64)

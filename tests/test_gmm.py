@@ -38,7 +38,8 @@ from zoo.models.gmm import GMM, SCALE_FLOOR
 from zoo.objectives import make_objective
 from zoo.registry import build, get_model
 from zoo.run_figures import draw_figures
-from zoo.train import TrainSettings, fit, seed_everything
+from zoo.settings import TrainSettings
+from zoo.train import fit, seed_everything
 
 f64 = torch.float64
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

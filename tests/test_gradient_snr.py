@@ -7,8 +7,7 @@ import torch
 
 from zoo.errors import ZooError
 from zoo.experiment import build_experiment, make_config
-from zoo.gradient_snr import gradient_snr
-from zoo.objectives import make_objective
+from zoo.objectives import gradient_snr, make_objective
 from zoo.train import fit
 
 

@@ -6,7 +6,8 @@ import torch
 from zoo import runs
 from zoo.errors import ZooError
 from zoo.experiment import build_experiment, load_run, resume_run, train_run
-from zoo.train import TrainingDiverged, TrainSettings, eager_step, fit
+from zoo.settings import TrainSettings
+from zoo.train import TrainingDiverged, eager_step, fit
 
 
 def _parameters(experiment):

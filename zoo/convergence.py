@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from zoo.train import TrainSettings
+    from zoo.settings import TrainSettings
 
 PLATEAU_HALVINGS = 5
 """The ``plateau`` schedule halves the learning rate at each plateau of the loss, at most this

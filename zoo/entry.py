@@ -22,7 +22,7 @@ class ModelEntry:
     loaded :class:`~zoo.data.Data` and the model's options (``options`` holds their defaults);
     the first guide is the default. What model and guide offer beyond the contract is declared
     on their classes (``offers``, see :mod:`zoo.contract`). ``train`` holds default
-    :class:`~zoo.train.TrainSettings` values and ``demo`` the overrides for the short runs of
+    :class:`~zoo.settings.TrainSettings` values and ``demo`` the overrides for the short runs of
     ``zoo demo``; ``objectives`` the default objective configuration for each guide name
     (``{"name": "elbo"}`` for guides not listed). ``labels`` says whether model and guide take
     the labels ``y`` after ``x``. ``binarized(options)`` says whether the model sees binary

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.distributions import kl_divergence
 
 from zoo import distributed
 from zoo.contract import (
@@ -39,7 +38,7 @@ from zoo.contract import (
     offers,
 )
 from zoo.errors import ZooError
-from zoo.objectives import as_multivariate, log_weights
+from zoo.objectives import log_weights, posterior_kl
 from zoo.progress import progress_bar
 
 
@@ -197,8 +196,7 @@ def evaluate(model, guide, *data: torch.Tensor, num_samples: int = 1000,
         optimum = model.maximum_likelihood(train_x)
         metrics["mle_log_likelihood"] = optimum.marginal_log_prob(x).mean().item()
     if offers(model, EXACT_POSTERIOR) and offers(guide, DISTRIBUTION):
-        kl = kl_divergence(as_multivariate(guide.distribution(x)),
-                           as_multivariate(model.posterior(x)))
+        kl = posterior_kl(guide.distribution(x), model.posterior(x))
         metrics["posterior_kl"] = kl.mean().item()
     return metrics
 

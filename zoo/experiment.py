@@ -29,13 +29,8 @@ from zoo.errors import ZooError
 from zoo.evaluate import evaluate
 from zoo.objectives import make_objective
 from zoo.registry import ModelEntry, build, get_model
-from zoo.train import (
-    TrainSettings,
-    fit,
-    resolve_device,
-    seed_everything,
-    trainable_parameters,
-)
+from zoo.settings import TrainSettings
+from zoo.train import fit, resolve_device, seed_everything, trainable_parameters
 from zoo.validation import check_config, check_memory, check_output, check_work
 
 

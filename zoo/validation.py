@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from zoo.errors import ZooError
+from zoo.settings import TrainSettings
 
 FLOAT32_MAX = 3.4028234663852886e38
 """The largest finite float32: numbers in a configuration must stay below it, since the models
@@ -40,10 +41,8 @@ _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "tru
 
 
 def _train_keys() -> dict[str, tuple]:
-    """The keys of the ``train`` section, read from :class:`~zoo.train.TrainSettings` (its
+    """The keys of the ``train`` section, read from :class:`~zoo.settings.TrainSettings` (its
     annotations such as ``int | None``), so that a new setting needs no change here."""
-    from zoo.train import TrainSettings  # here: zoo.train imports zoo.runs, which imports this
-
     names = {"int": int, "float": float, "str": str, "bool": bool, "None": None}
     return {field.name: tuple(names.get(part.strip(), object)
                               for part in str(field.type).split("|"))

@@ -10,7 +10,8 @@ package is the only part of zoo that imports ArviZ. One module per job:
   elsewhere (VAE, CVAE) long runs of NUTS on p(z | x) proportional to p(x, z), the model's own
   program conditioned on the first few points, which :func:`nuts_posterior` makes trustworthy
   by reproducing PPCA's closed form in the tests.
-- :mod:`~zoo.diagnostics.distances`, per data point: ``posterior_kl``, KL(q || p) in closed
+- :mod:`~zoo.diagnostics.distances`, per data point: ``posterior_kl``
+  (:func:`zoo.objectives.posterior_kl`), KL(q || p) in closed
   form where torch knows one (Gaussian pairs, the expnormal guides), else E_q[log q -
   log p(z | x)] by Monte Carlo, else (no closed-form posterior) log p(x) - ELBO with log p(x)
   importance-sampled; ``mean_error``, ``sd_error``: root mean squares over latent dimensions
@@ -49,12 +50,7 @@ from zoo.diagnostics.calibration import (
     simulation_based_calibration,
 )
 from zoo.diagnostics.diagnose import STAGES, Diagnostics, diagnose, summarize
-from zoo.diagnostics.distances import (
-    gaussian_wasserstein,
-    moments,
-    posterior_kl,
-    sample_moments,
-)
+from zoo.diagnostics.distances import gaussian_wasserstein, moments, sample_moments
 from zoo.diagnostics.figures import (
     FIGURES,
     draw_figures,
@@ -82,6 +78,7 @@ from zoo.diagnostics.reference import (
 )
 from zoo.diagnostics.run import DIAGNOSTIC_PLOTS, NETCDF, SUMMARY, diagnose_run, write_summary
 from zoo.diagnostics.settings import LATENT, DiagnosticSettings
+from zoo.objectives import posterior_kl
 
 __all__ = [
     "DIAGNOSTIC_PLOTS", "FIGURES", "LATENT", "NETCDF", "STAGES", "SUMMARY", "Calibration",

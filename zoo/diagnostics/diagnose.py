@@ -14,12 +14,13 @@ from torch.distributions import Categorical, kl_divergence
 
 from zoo.contract import DISCRETE_POSTERIOR, DISTRIBUTION, EXACT_MARGINAL, offers
 from zoo.diagnostics.calibration import Calibration, simulation_based_calibration
-from zoo.diagnostics.distances import moment_errors, posterior_kl
+from zoo.diagnostics.distances import moment_errors
 from zoo.diagnostics.gaps import Gaps, amortization_gaps
 from zoo.diagnostics.importance import ImportanceDiagnostics, importance_diagnostics
 from zoo.diagnostics.inference_data import to_inference_data
 from zoo.diagnostics.reference import GuideDraws, Reference, guide_draws, reference_posterior
 from zoo.diagnostics.settings import DiagnosticSettings
+from zoo.objectives import posterior_kl
 from zoo.progress import progress_bar
 
 STAGES = ("guide draws and PSIS", "reference posterior", "calibration (SBC)",

@@ -1,6 +1,6 @@
-r"""Distances between the guide's q(z | x) and the reference posterior p(z | x), per data point:
-the KL divergence, the errors of means and standard deviations, and the 2-Wasserstein distance of
-the Gaussians with q's and p's moments,
+r"""Distances between the guide's q(z | x) and the reference posterior p(z | x), per data point
+(the KL divergence is :func:`zoo.objectives.posterior_kl`): the errors of means and standard
+deviations, and the 2-Wasserstein distance of the Gaussians with q's and p's moments,
 
     W_2^2 = |m_q - m_p|^2 + tr(S_q + S_p - 2 (S_p^1/2 S_q S_p^1/2)^1/2),
 
@@ -9,35 +9,13 @@ exact for two Gaussians and a lower bound on the W_2 of any pair with those mome
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, kl_divergence
+from torch.distributions import Distribution
 
 from zoo.diagnostics.reference import GuideDraws, Reference
-from zoo.objectives import as_multivariate
-
-
-def posterior_kl(q: Distribution, p: Distribution, *, num_draws: int = 4000) -> Tensor:
-    """KL(q || p) per data point, ``[N]``: in closed form where torch has one (diagonal and full
-    Gaussians are matched through :func:`~zoo.objectives.as_multivariate`; round-off below 0 is
-    set to 0), else the Monte-Carlo mean of log q(z) - log p(z) over ``num_draws`` draws from q.
-    """
-    for pair in ((q, p), (as_multivariate(q), as_multivariate(p))):
-        with contextlib.suppress(NotImplementedError):
-            return kl_divergence(*pair).clamp(min=0)
-    z = q.sample((num_draws,))
-    return (q.log_prob(z) - p.log_prob(z)).mean(0)
-
-
-def has_closed_form_kl(q: Distribution, p: Distribution) -> bool:
-    for pair in ((q, p), (as_multivariate(q), as_multivariate(p))):
-        with contextlib.suppress(NotImplementedError):
-            kl_divergence(*pair)
-            return True
-    return False
 
 
 def moments(distribution: Distribution) -> tuple[Tensor, Tensor]:

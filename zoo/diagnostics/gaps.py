@@ -13,12 +13,11 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, transform_to
 
-from zoo.contract import DISTRIBUTION, EXACT_MARGINAL, EXACT_POSTERIOR, offers
-from zoo.diagnostics.distances import has_closed_form_kl, posterior_kl
+from zoo.contract import DATA_PLATE, DISTRIBUTION, EXACT_MARGINAL, EXACT_POSTERIOR, offers
 from zoo.diagnostics.reference import frozen
 from zoo.diagnostics.settings import LATENT, DiagnosticSettings
 from zoo.evaluate import log_likelihood
-from zoo.objectives import DATA_PLATE, draw
+from zoo.objectives import closed_form_kl, draw, posterior_kl
 from zoo.optimize import minimize
 from zoo.progress import progress_bar
 
@@ -124,7 +123,7 @@ def amortization_gaps(model, guide, *inputs: Tensor, closed_form: bool = True,
     if local is None:
         return None
     exact = (posterior is not None and offers(model, EXACT_MARGINAL)
-             and has_closed_form_kl(q, posterior))
+             and closed_form_kl(q, posterior) is not None)
     if exact:
         _fit_local(model, local,
                    lambda: posterior_kl(local.distribution(), posterior).sum(), settings)
