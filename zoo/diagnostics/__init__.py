@@ -37,13 +37,12 @@ package is the only part of zoo that imports ArviZ. One module per job:
   :mod:`~zoo.diagnostics.diagnose`: every stage at once; :mod:`~zoo.diagnostics.run`:
   ``zoo diagnose`` on a trained run folder.
 
-Protocol (duck typing): the model and guide put their latent site ``"z"`` (event shape [M]) in
-the plate ``"data"`` at dim -1, the model observes its first input at one sample site and takes
-any further inputs (labels) as given; optional ``model.posterior(*inputs)``,
-``model.marginal_log_prob(*inputs)``, ``guide.distribution(*inputs)``, and for mixtures
-``model.responsibilities(x)`` with ``guide.responsibilities(x)``.
+What a model and a guide must provide is the contract of :mod:`zoo.contract`: the latent site
+``LATENT`` in the plate ``"data"``, and the capabilities they declare (an exact posterior or
+marginal, the guide's distribution, a discrete posterior) decide which diagnostics run.
 """
 
+from zoo.contract import LATENT
 from zoo.diagnostics.calibration import (
     Calibration,
     chi_square_uniformity,
@@ -77,7 +76,7 @@ from zoo.diagnostics.reference import (
     reference_posterior,
 )
 from zoo.diagnostics.run import DIAGNOSTIC_PLOTS, NETCDF, SUMMARY, diagnose_run, write_summary
-from zoo.diagnostics.settings import LATENT, DiagnosticSettings
+from zoo.diagnostics.settings import DiagnosticSettings
 from zoo.objectives import posterior_kl
 
 __all__ = [

@@ -11,7 +11,7 @@ import torch
 from pyro import poutine
 from torch import Tensor
 
-from zoo.diagnostics.settings import LATENT
+from zoo.contract import LATENT
 from zoo.errors import ZooError
 from zoo.objectives import PARTICLE_PLATE
 

@@ -15,11 +15,11 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from zoo import plots
+from zoo.contract import LATENT
 from zoo.diagnostics.calibration import Calibration
 from zoo.diagnostics.diagnose import Diagnostics
 from zoo.diagnostics.gaps import Gaps
 from zoo.diagnostics.importance import KHAT_GOOD, KHAT_USABLE
-from zoo.diagnostics.settings import LATENT
 from zoo.progress import progress_bar
 
 Q_STYLE = {"color": "tab:red"}

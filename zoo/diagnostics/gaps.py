@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, transform_to
 
-from zoo.contract import DATA_PLATE, DISTRIBUTION, EXACT_MARGINAL, EXACT_POSTERIOR, offers
+from zoo.contract import DATA_PLATE, DISTRIBUTION, EXACT_MARGINAL, EXACT_POSTERIOR, LATENT, offers
 from zoo.diagnostics.reference import frozen
-from zoo.diagnostics.settings import LATENT, DiagnosticSettings
+from zoo.diagnostics.settings import DiagnosticSettings
 from zoo.evaluate import log_likelihood
 from zoo.objectives import closed_form_kl, draw, posterior_kl
 from zoo.optimize import minimize

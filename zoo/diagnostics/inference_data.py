@@ -15,8 +15,8 @@ import pyro
 import xarray as xr
 from torch import Tensor, nn
 
+from zoo.contract import LATENT
 from zoo.diagnostics.reference import GuideDraws, Reference
-from zoo.diagnostics.settings import LATENT
 
 MAX_GLOBALS = 1000
 """Model parameters go into the ``posterior`` group only when they number at most this many in

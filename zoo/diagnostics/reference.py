@@ -14,8 +14,8 @@ from pyro.infer.autoguide.initialization import init_to_sample, init_to_value
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from zoo.contract import EXACT_POSTERIOR, offers
-from zoo.diagnostics.settings import LATENT, DiagnosticSettings
+from zoo.contract import EXACT_POSTERIOR, LATENT, offers
+from zoo.diagnostics.settings import DiagnosticSettings
 from zoo.objectives import draw
 from zoo.progress import progress_bar
 
@@ -23,7 +23,12 @@ from zoo.progress import progress_bar
 @dataclass
 class GuideDraws:
     """S draws per data point from the guide: ``z: [S, N, M]``, ``log_joint`` = log p(x, z) and
-    ``log_q`` = log q(z | x), each ``[S, N]``."""
+    ``log_q`` = log q(z | x), each ``[S, N]``.
+
+    The stored, plain-tensor form of the objectives' :class:`~zoo.objectives.Draws`, which
+    :func:`guide_draws` scores: ``Draws`` keeps the Pyro traces of one pass and computes each
+    density only when an objective asks for it, while the diagnostics need every density of
+    thousands of draws, joined over memory-bounded chunks, without keeping their traces."""
 
     z: Tensor
     log_joint: Tensor

@@ -1,12 +1,8 @@
-"""What every stage of the diagnostics shares: the latent site's name and how many draws each
-diagnostic uses."""
+"""How many draws each stage of the diagnostics uses."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-LATENT = "z"
-"""The latent sample site of model and guide, event shape [M], in the plate ``"data"``."""
 
 
 @dataclass(frozen=True)
