@@ -19,9 +19,8 @@ Run it with
 
     python benchmarks/distributed.py [--data-dir ../shared/data] [--steps 300] [--repeats 2]
 
-It prints a table and writes the numbers to ``--out`` as JSON. Without MNIST in
-``DATA_DIR/MNIST/raw`` it says so and exits with status 0.
-"""
+It prints a table and writes it to ``--out`` as JSON and, beside it, as Markdown. Without MNIST
+in ``DATA_DIR/MNIST/raw`` it says so and exits with status 0. """
 
 from __future__ import annotations
 
@@ -109,29 +108,35 @@ def main(args: argparse.Namespace) -> dict:
                              for label, values in evaluation.items()},
         "evaluate_particles": args.particles,
     }
-    _print(result)
+    table = markdown_table(result)
+    print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out).with_suffix(".md").write_text(table)
     return result
 
 
-def _print(result: dict) -> None:
-    print(f"MNIST VAE, IWAE(5), {result['steps']} steps per run, median of {result['repeats']}; "
-          f"{result['cores']} cores, load average {result['load_average'][0]:.1f} to "
-          f"{result['load_average'][1]:.1f}")
-    print("| batch | configuration | s per step | speed-up vs 1 process, 1 thread |")
-    print("|---|---|---|---|")
+def markdown_table(result: dict) -> str:
+    """Milliseconds per training step and the speed-up per batch size and configuration, then
+    the evaluation's seconds, headed by the setting and the load."""
+    lines = [f"MNIST VAE, IWAE(5), {result['steps']} steps per run, median of "
+             f"{result['repeats']}; {result['cores']} cores, load average "
+             f"{result['load_average'][0]:.1f} to {result['load_average'][1]:.1f}", "",
+             "| batch | configuration | per step | speed-up vs 1 process, 1 thread |",
+             "|---|---|---|---|"]
     for batch, row in result["train_seconds"].items():
         base = row["1 process, 1 thread"]
         for label, seconds in row.items():
-            print(f"| {batch} | {label} | {seconds / result['steps'] * 1000:.1f} ms | "
-                  f"{base / seconds:.2f}x |")
+            lines.append(f"| {batch} | {label} | {seconds / result['steps'] * 1000:.1f} ms | "
+                         f"{base / seconds:.2f}x |")
     if result["evaluate_seconds"]:
         base = result["evaluate_seconds"]["1 process, 1 thread"]
-        print(f"\nzoo evaluate --split test --particles {result['evaluate_particles']} "
-              f"(10000 images), seconds beyond --particles 1:")
-        for label, seconds in result["evaluate_seconds"].items():
-            print(f"| {label} | {seconds:.1f} s | {base / seconds:.2f}x |")
+        lines += ["", f"zoo evaluate --split test --particles {result['evaluate_particles']} "
+                      "(10000 images), seconds beyond --particles 1:", "",
+                  "| configuration | seconds | speed-up |", "|---|---|---|"]
+        lines += [f"| {label} | {seconds:.1f} s | {base / seconds:.2f}x |"
+                  for label, seconds in result["evaluate_seconds"].items()]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

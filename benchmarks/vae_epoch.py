@@ -37,9 +37,8 @@ epochs (10 particles per image; binarized with a fixed seed for ``burda``, grey 
 
     python benchmarks/vae_epoch.py [--epochs 2] [--settings burda tutorial] [--threads 1]
 
-It prints a table and writes the numbers to ``--out`` as JSON. Without MNIST in
-``DATA_DIR/MNIST/raw`` it says so and exits with status 0.
-"""
+It prints a table and writes it to ``--out`` as JSON and, beside it, as Markdown. Without MNIST
+in ``DATA_DIR/MNIST/raw`` it says so and exits with status 0. """
 
 from __future__ import annotations
 
@@ -448,19 +447,26 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         for name in args.settings:
             results[name] = compare(data, name, args, device, Path(work_dir))
     results["load_average_after"] = os.getloadavg()
-    _print_table(results, args.settings)
+    table = markdown_table(results, args.settings)
+    print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written to {out}")
+    out.with_suffix(".md").write_text(table)
+    print(f"written to {out} and {out.with_suffix('.md')}")
     return results
 
 
-def _print_table(results: dict[str, Any], settings: list[str]) -> None:
-    header = (f"{'setting':<10}{'contender':<14}{'s/epoch':>9}{'x plain':>9}{'test ELBO':>11}"
-              f"{'compile s':>11}")
-    print(header)
-    print("-" * len(header))
+def markdown_table(results: dict[str, Any], settings: list[str]) -> str:
+    """Seconds per epoch, the ratio to plain PyTorch, test ELBO and compile time per contender,
+    headed by the date, threads and load."""
+    load = results["load_average_before"][0], results["load_average_after"][0]
+    lines = [f"{results['date']}; {results['threads']} torch "
+             f"thread(s); load average {load[0]:.1f} before, {load[1]:.1f} after. Target: zoo "
+             f"at most {TARGET_RATIO}x plain and at most NumPyro's time. The tutorial setting's "
+             "ELBO is on grey levels, not comparable with burda's.", "",
+             "| setting | contender | s/epoch | x plain | test ELBO | compile s |",
+             "|---|---|---|---|---|---|"]
     for name in settings:
         for contender in CONTENDERS:
             row = results[name].get(contender)
@@ -468,10 +474,9 @@ def _print_table(results: dict[str, Any], settings: list[str]) -> None:
                 continue
             ratio = "" if row["ratio_to_plain"] is None else f"{row['ratio_to_plain']:.2f}"
             built = "" if row["compile_seconds"] is None else f"{row['compile_seconds']:.1f}"
-            print(f"{name:<10}{contender:<14}{row['seconds_per_epoch']:>9.1f}{ratio:>9}"
-                  f"{row['test_elbo']:>11.2f}{built:>11}")
-    print(f"target: zoo at most {TARGET_RATIO}x plain and at most NumPyro's time. The tutorial "
-          f"setting's ELBO is on grey levels, not comparable with burda's")
+            lines.append(f"| {name} | {contender} | {row['seconds_per_epoch']:.1f} | {ratio} | "
+                         f"{row['test_elbo']:.2f} | {built} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
