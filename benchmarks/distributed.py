@@ -20,7 +20,8 @@ Run it with
     python benchmarks/distributed.py [--data-dir ../shared/data] [--steps 300] [--repeats 2]
 
 It prints a table and writes it to ``--out`` as JSON and, beside it, as Markdown. Without MNIST
-in ``DATA_DIR/MNIST/raw`` it says so and exits with status 0. """
+in ``DATA_DIR/MNIST/raw`` it says so and exits with status 0.
+"""
 
 from __future__ import annotations
 

@@ -38,7 +38,8 @@ epochs (10 particles per image; binarized with a fixed seed for ``burda``, grey 
     python benchmarks/vae_epoch.py [--epochs 2] [--settings burda tutorial] [--threads 1]
 
 It prints a table and writes it to ``--out`` as JSON and, beside it, as Markdown. Without MNIST
-in ``DATA_DIR/MNIST/raw`` it says so and exits with status 0. """
+in ``DATA_DIR/MNIST/raw`` it says so and exits with status 0.
+"""
 
 from __future__ import annotations
 
