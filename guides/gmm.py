@@ -49,11 +49,11 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
-from pyro.poutine.enum_messenger import EnumMessenger
-from pyro.poutine.runtime import _PYRO_STACK, get_plates
+from pyro.poutine.runtime import get_plates
 from torch import Tensor, nn
 
 from zoo import standardize
+from zoo.conformance import under_enumeration
 from zoo.contract import DISCRETE_POSTERIOR, ENUMERATED
 from zoo.entries.gmm_checks import check_options, check_table
 from zoo.errors import ZooError
@@ -78,7 +78,7 @@ class EnumerateGuide(PyroModule):
         ``TraceEnum_ELBO`` (``--loss enum``) wraps around model and guide. Any other objective
         would need q(z | x) from this guide and is refused."""
         check_table(x, self.data_dim)
-        if not any(isinstance(handler, EnumMessenger) for handler in _PYRO_STACK):
+        if not under_enumeration():
             raise ZooError("the enumerate guide has no q(z | x) to draw z from: it leaves z to "
                            "be summed out in the model, which only --loss enum (TraceEnum_ELBO) "
                            "does. Use --loss enum with --guide enumerate, or --guide amortized "

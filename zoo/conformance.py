@@ -19,6 +19,8 @@ from pathlib import Path
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.enum_messenger import EnumMessenger
+from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 
 from zoo.contract import DATA_PLATE, ENUMERATED, LATENT, OBSERVED, broken_promises, offers
@@ -127,3 +129,10 @@ def check(model: torch.nn.Module, guide: torch.nn.Module, inputs: tuple[torch.Te
     if not guide_sites and not offers(guide, ENUMERATED):
         raise ZooError(f"{file}: the guide samples no site '{LATENT}': sample it inside the "
                        f"plate '{DATA_PLATE}', or declare ENUMERATED if z is summed out")
+
+
+def under_enumeration() -> bool:
+    """Whether the caller runs inside Pyro's parallel enumeration (the ``EnumMessenger`` that
+    ``TraceEnum_ELBO`` wraps around model and guide): a guide that declares ``ENUMERATED``
+    leaves z to be summed out in the model and can check with this that someone sums it."""
+    return any(isinstance(handler, EnumMessenger) for handler in _PYRO_STACK)
