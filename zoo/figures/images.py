@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
+from torch.nn.functional import pad as pad_images
 
 from zoo.errors import ZooError
 from zoo.evaluate import ACTIVE_UNIT_THRESHOLD, active_units
@@ -81,12 +82,9 @@ def mosaic(images: Tensor, pad: int = 1) -> np.ndarray:
     """One array from a grid of images ``[R, C, H, W]``, ``pad`` pixels of 0.5 between them:
     shape ``[R (H + pad) + pad, C (W + pad) + pad]``."""
     R, C, H, W = images.shape
-    canvas = np.full((R * (H + pad) + pad, C * (W + pad) + pad), 0.5, dtype=np.float32)
-    for r in range(R):
-        for c in range(C):
-            top, left = pad + r * (H + pad), pad + c * (W + pad)
-            canvas[top:top + H, left:left + W] = images[r, c].clamp(0, 1).cpu().numpy()
-    return canvas
+    tiles = pad_images(images.detach().float().clamp(0, 1).cpu(), (0, pad, 0, pad), value=0.5)
+    canvas = tiles.permute(0, 2, 1, 3).reshape(R * (H + pad), C * (W + pad))
+    return pad_images(canvas, (pad, 0, pad, 0), value=0.5).numpy()
 
 
 def plot_image_grid(images: Tensor, path: str | os.PathLike, *, title: str = "",
