@@ -53,6 +53,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +70,10 @@ from zoo.guides.vae import MeanFieldGuide as VAEGuide
 from zoo.models.vae import VAE
 from zoo.networks import SIGMA_MIN
 from zoo.objectives import ELBO
-from zoo.optimize import make_optimizer
+from zoo.optimize import make_optimizer, parameter_groups
 from zoo.registry import build, get_model
 from zoo.settings import TrainSettings
-from zoo.train import fit
+from zoo.train import eager_step, fit, trainable_parameters
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -349,11 +350,16 @@ def zoo_contender(data: Data, setting: Setting, name: str, step: str, seed: int,
 
     def compile_step() -> None:
         """Compile the graphs of both batch shapes of an epoch on copies of the networks."""
-        copies = zoo_networks(data, setting, name)
-        loss = compiled.CompiledLoss(ELBO(analytic_kl=setting.analytic_kl), *copies)
+        model, guide = copies = zoo_networks(data, setting, name)
+        objective = ELBO(analytic_kl=setting.analytic_kl)
+        parameters = trainable_parameters(model, guide, freeze_model=False)
+        optimizer = make_optimizer("adam", parameter_groups(copies, parameters), setting.lr)
+        eager = eager_step(partial(objective.differentiable_loss, *copies), optimizer,
+                           parameters, settings)
+        step = compiled.CompiledStep(eager, objective, model, guide, optimizer)
         last = data.num_train % setting.batch_size or setting.batch_size
         for size in {setting.batch_size, last}:
-            loss(x[:size]).backward()
+            step((x[:size],))
 
     return {"epoch": epoch, "test_elbo": test_elbo, "compile": compile_step}
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 from pyro.nn import PyroModule
 
-from zoo import compiled, runs
+from zoo import compiled, runs, updates
 from zoo.experiment import build_experiment, make_config
 from zoo.objectives import make_objective
+from zoo.optimize import OPTIMIZERS
 from zoo.settings import TrainSettings
-from zoo.train import fit
+from zoo.train import eager_step, fit
 
 OBJECTIVES = [("elbo", {}), ("elbo", {"num_particles": 3, "anneal_epochs": 2.0}),
               ("iwae", {"num_particles": 5}), ("miwae", {"num_particles": 6, "num_groups": 2}),
@@ -47,34 +48,88 @@ def _assert_close(value, eager, share=1e-5):
         assert (value - eager).abs().max() <= share * eager.abs().max(), (value, eager)
 
 
+def _sgd_step(objective, model, guide, lr=1e4, **options):
+    """The compiled step of plain gradient descent at rate ``lr``: its update -lr g shows the
+    gradients g the step recorded."""
+    parameters = [*model.parameters(), *guide.parameters()]
+    optimizer = torch.optim.SGD(parameters, lr=lr)
+    eager = eager_step(partial(objective.differentiable_loss, model, guide), optimizer,
+                       parameters, TrainSettings())
+    return compiled.CompiledStep(eager, objective, model, guide, optimizer, **options), parameters
+
+
 @pytest.mark.parametrize("model", ["ppca", "vae"])
 @pytest.mark.parametrize("name, options", OBJECTIVES)
 def test_compiled_step_has_the_losses_and_gradients_of_the_eager_step(replayed_step, model,
                                                                       name, options):
     """Same seed, same draws, same loss and gradients, for two batch shapes (a recording each)
     and a KL weight that changes between steps without a new recording (an input of the
-    graph). PIWAE's and DReG's routing of different gradients to model and guide survives."""
+    graph). PIWAE's and DReG's routing of different gradients to model and guide survives. The
+    gradients are read off the step of gradient descent at a large rate (each step starts
+    from the same parameters), so that the parameters' own rounding does not hide them."""
     _, experiment = _experiment(model)
     objective = make_objective(name, **options)
-    parameters = [*experiment.model.parameters(), *experiment.guide.parameters()]
-    step = compiled.CompiledLoss(objective, experiment.model, experiment.guide)
-    eager = partial(objective.differentiable_loss, experiment.model, experiment.guide)
+    step, parameters = _sgd_step(objective, experiment.model, experiment.guide)
+    start = [parameter.detach().clone() for parameter in parameters]
     for epochs, size in [(0.5, 20), (0.5, 7), (1.5, 20)]:
         objective.set_progress(epochs)
         batch = _training_batch(experiment, size)
-        results = []
-        for loss in (step, eager):
-            torch.manual_seed(3)
-            value = loss(*batch)
-            gradients = torch.autograd.grad(value, parameters, allow_unused=True)
-            results.append((value.detach(), gradients, torch.get_rng_state()))
-        (value, gradients, state), (eager_value, eager_gradients, eager_state) = results
+        torch.manual_seed(3)
+        eager = objective.differentiable_loss(experiment.model, experiment.guide, *batch) / size
+        eager_gradients = torch.autograd.grad(eager, parameters, allow_unused=True)
+        eager_state = torch.get_rng_state()
+        torch.manual_seed(3)
+        value = step(batch)
         assert step.reason is None
-        assert torch.equal(state, eager_state)  # the same draws
-        _assert_close(value, eager_value)
-        for gradient, eager_gradient in zip(gradients, eager_gradients, strict=True):
-            _assert_close(gradient, eager_gradient)
+        assert torch.equal(torch.get_rng_state(), eager_state)  # the same draws
+        _assert_close(value, eager.detach())
+        for parameter, before, eager_gradient in zip(parameters, start, eager_gradients,
+                                                     strict=True):
+            gradient = (before - parameter.detach()) / 1e4
+            _assert_close(gradient, torch.zeros_like(gradient) if eager_gradient is None
+                          else eager_gradient)
+        torch._foreach_copy_([parameter.detach() for parameter in parameters], start)
     assert len(replayed_step._GRAPHS) == 2
+
+
+@pytest.mark.parametrize("optimizer, options", [
+    ("adam", {}), ("adam", {"weight_decay": 0.1}), ("adamw", {}), ("sgd", {"weight_decay": 0.1})])
+@pytest.mark.parametrize("clip_norm", [None, 0.5])
+def test_recorded_updates_are_those_of_torchs_optimizers(optimizer, options, clip_norm):
+    """zoo.updates, run eagerly, moves parameters and optimizer state as torch's fused
+    optimizer does over five steps with changing learning rates, one of them with a loss that
+    is not finite (no step)."""
+    torch.manual_seed(0)
+    ours = [torch.randn(4, 3), torch.randn(5)]
+    theirs = [torch.nn.Parameter(tensor.clone()) for tensor in ours]
+    reference = OPTIMIZERS[optimizer](theirs, lr=0.1, fused=True, **options)
+    recorded = OPTIMIZERS[optimizer]([torch.nn.Parameter(tensor) for tensor in ours], lr=0.1,
+                                     **options)
+    ours = [group_parameter for group_parameter in recorded.param_groups[0]["params"]]
+    for step, lr in enumerate([0.1, 0.05, 0.2, 0.2, 0.01]):
+        gradients = [torch.randn_like(tensor) for tensor in ours]
+        finite = step != 2
+        for optimizers in (reference, recorded):
+            optimizers.param_groups[0]["lr"] = lr
+        if finite:
+            for parameter, gradient in zip(theirs, gradients, strict=True):
+                parameter.grad = gradient.clone()
+            if clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(theirs, clip_norm)
+            reference.step()
+        rates = updates.step_rates(recorded, torch.device("cpu"))
+        with torch.no_grad():
+            for parameter, gradient in zip(ours, updates.clip(gradients, clip_norm),
+                                           strict=True):
+                updates.update(recorded, recorded.param_groups[0], parameter, gradient,
+                               updates.state_of(recorded, parameter), rates[0],
+                               torch.tensor(finite))
+    for parameter, parameter_theirs in zip(ours, theirs, strict=True):
+        _assert_close(parameter.detach(), parameter_theirs.detach(), 1e-6)
+        state, state_theirs = recorded.state[parameter], reference.state[parameter_theirs]
+        assert state.keys() == state_theirs.keys()
+        for name in state:
+            _assert_close(state[name], state_theirs[name], 1e-6)
 
 
 def _train(config, run_dir=None, checkpoint=None):
@@ -105,6 +160,25 @@ def test_compiled_training_resumes_bitwise(replayed_step, tmp_path):
     config["objective"] = {**config["objective"], "name": "dreg", "num_particles": 2,
                            "anneal_epochs": 1.0}
     _resumes_bitwise(config, tmp_path)
+
+
+@pytest.mark.parametrize("options", [{}, {"optimizer": "adamw", "clip_norm": 1.0},
+                                     {"optimizer": "sgd", "lr": 1e-3}])
+def test_compiled_training_follows_eager_training(replayed_step, small_ppca_config, options):
+    """PPCA's loadings train at a learning rate scaled to the data (a parameter group of their
+    own): the compiled step's rates per group, clipping and each optimizer follow the eager
+    run's losses and parameters up to float rounding."""
+    config = {**small_ppca_config, "train": {**small_ppca_config["train"], **options}}
+    runs_ = [_train({**config, "train": {**config["train"], "step": step}})
+             for step in ("compiled", "eager")]
+    (trained, history), (eager, eager_history) = runs_
+    assert set(trained.model.step_scales().values()) - {1.0}  # two parameter groups
+    for row, eager_row in zip(history, eager_history, strict=True):
+        assert row["train_loss"] == pytest.approx(eager_row["train_loss"], rel=1e-5)
+    for module, other in [(trained.model, eager.model), (trained.guide, eager.guide)]:
+        for value, eager_value in zip(module.state_dict().values(),
+                                      other.state_dict().values(), strict=True):
+            _assert_close(value, eager_value, 1e-4)
 
 
 @pytest.mark.slow
@@ -210,15 +284,15 @@ def test_an_edited_model_file_gets_a_fresh_capture(replayed_step, tmp_path, monk
     for scale, recordings in [(1.0, 1), (1.0, 1), (0.5, 2)]:
         path.write_text(MODEL_FILE.replace("SCALE", str(scale)))
         model, guide = _load(path, monkeypatch), _Guide()
-        step = compiled.CompiledLoss(objective, model, guide)
+        step, _ = _sgd_step(objective, model, guide, lr=0.0)
         torch.manual_seed(0)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            losses.append(step(x).item())
+            losses.append(step((x,)).item())
         assert len(replayed_step._GRAPHS) == recordings
         torch.manual_seed(0)
-        assert losses[-1] == pytest.approx(objective.differentiable_loss(model, guide, x).item(),
-                                           rel=1e-6)
+        assert losses[-1] == pytest.approx(
+            objective.differentiable_loss(model, guide, x).item() / len(x), rel=1e-6)
     assert losses[0] != losses[2]
 
 
@@ -226,14 +300,74 @@ def test_short_runs_train_eagerly_and_long_ones_compiled():
     """auto compiles a run of at least COMPILE_MIN_STEPS steps, from its first step for a
     fixed budget and from step COMPILE_MIN_STEPS on for training to convergence (a cap)."""
     model, guide, objective = _Model(), _Guide(), make_objective("elbo")
-    short = compiled.step_loss(objective, model, guide, "auto", compiled.COMPILE_MIN_STEPS - 1)
-    assert not isinstance(short, compiled.CompiledLoss)
-    assert not isinstance(compiled.step_loss(objective, model, guide, "eager", 10**6),
-                          compiled.CompiledLoss)
-    forced = compiled.step_loss(objective, model, guide, "compiled", 10)
-    long = compiled.step_loss(objective, model, guide, "auto", compiled.COMPILE_MIN_STEPS)
-    capped = compiled.step_loss(objective, model, guide, "auto", 10**5, budget_is_cap=True)
+    optimizer = torch.optim.Adam([*model.parameters(), *guide.parameters()])
+
+    def step(mode, total_steps, **options):
+        return compiled.training_step(eager_step, objective, model, guide, optimizer,
+                                      step=mode, total_steps=total_steps, **options)
+
+    assert step("auto", compiled.COMPILE_MIN_STEPS - 1) is eager_step
+    assert step("eager", 10**6) is eager_step
+    forced, long = step("compiled", 10), step("auto", compiled.COMPILE_MIN_STEPS)
+    capped = step("auto", 10**5, budget_is_cap=True)
     assert (forced.first, long.first, capped.first) == (0, 0, compiled.COMPILE_MIN_STEPS)
+
+
+def test_an_optimizer_without_a_recorded_update_trains_eagerly_in_one_line():
+    model, guide = _Model(), _Guide()
+    optimizer = torch.optim.RMSprop([*model.parameters(), *guide.parameters()])
+    with pytest.warns(UserWarning) as caught:
+        step = compiled.training_step(eager_step, make_objective("elbo"), model, guide,
+                                      optimizer, step="compiled", total_steps=10)
+    assert [str(warning.message) for warning in caught] == [
+        "training eagerly: the optimizer RMSprop has no recorded update (--eager skips the "
+        "compiled step)"]
+    assert step.reason is not None
+
+
+class _Scaled(_Model):
+    """The model's likelihood scale a setting read in Python, which a recording freezes."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = 1.0
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(3), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z + self.loc, self.scale).to_event(1), obs=x)
+
+
+def test_a_failed_check_takes_the_step_eagerly_from_the_state_before_it(replayed_step,
+                                                                         monkeypatch):
+    """A model whose Python setting changes between steps: the periodic check catches it, the
+    state before the step comes back, and the step and the ones after it are eager, so the run
+    ends where an eager run ends (up to float rounding of the one compiled step)."""
+    monkeypatch.setattr(compiled, "VERIFY_EVERY", 2)
+    x = torch.randn(40, 3) + 0.5
+    trained, warned = [], []
+    for mode in ("compiled", "eager"):
+        torch.manual_seed(0)
+        model, guide = _Scaled(), _Guide()
+        optimizer = torch.optim.Adam([*model.parameters(), *guide.parameters()], lr=0.1)
+        objective = make_objective("elbo")
+        parameters = [*model.parameters(), *guide.parameters()]
+        eager = eager_step(partial(objective.differentiable_loss, model, guide), optimizer,
+                           parameters, TrainSettings())
+        step = compiled.training_step(eager, objective, model, guide, optimizer, step=mode,
+                                      total_steps=4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for scale in (1.0, 3.0, 3.0, 3.0):
+                model.scale = scale
+                step((x,))
+        trained.append([parameter.detach().clone() for parameter in parameters])
+        warned.append([str(warning.message) for warning in caught])
+    assert warned == [["training eagerly: the loss of the compiled step differs from the eager "
+                       "one, so the model or guide branches on the data or on the step "
+                       "(--eager skips the compiled step)"], []]
+    for value, eager_value in zip(*trained, strict=True):
+        _assert_close(value, eager_value, 1e-5)
 
 
 @pytest.mark.slow
@@ -245,20 +379,20 @@ def test_cuda_graph_step_has_the_losses_and_gradients_of_the_eager_step():
     _, experiment = _experiment("vae")
     model, guide = experiment.model.cuda(), experiment.guide.cuda()
     objective = make_objective("dreg", num_particles=4)
-    parameters = [*model.parameters(), *guide.parameters()]
-    step = compiled.CompiledLoss(objective, model, guide)
-    eager = partial(objective.differentiable_loss, model, guide)
+    step, parameters = _sgd_step(objective, model, guide)
+    start = [parameter.detach().clone() for parameter in parameters]
     batch = tuple(tensor.cuda() for tensor in _training_batch(experiment, 20))
     for seed in range(3):
-        results = []
-        for loss in (step, eager):
-            torch.cuda.manual_seed(seed)
-            value = loss(*batch)
-            results.append((value.detach(), torch.autograd.grad(value, parameters),
-                            torch.cuda.get_rng_state()))
+        torch.cuda.manual_seed(seed)
+        eager = objective.differentiable_loss(model, guide, *batch) / 20
+        eager_gradients = torch.autograd.grad(eager, parameters)
+        eager_state = torch.cuda.get_rng_state()
+        torch.cuda.manual_seed(seed)
+        value = step(batch)
         assert step.reason is None
-        (value, gradients, state), (eager_value, eager_gradients, eager_state) = results
-        assert torch.equal(state, eager_state)
-        _assert_close(value, eager_value, 1e-4)
-        for gradient, eager_gradient in zip(gradients, eager_gradients, strict=True):
-            _assert_close(gradient, eager_gradient, 1e-4)
+        assert torch.equal(torch.cuda.get_rng_state(), eager_state)
+        _assert_close(value, eager.detach(), 1e-4)
+        for parameter, before, eager_gradient in zip(parameters, start, eager_gradients,
+                                                     strict=True):
+            _assert_close((before - parameter.detach()) / 1e4, eager_gradient, 1e-4)
+        torch._foreach_copy_([parameter.detach() for parameter in parameters], start)

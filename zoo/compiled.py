@@ -1,37 +1,42 @@
-r"""The compiled training step: the loss of model, guide and objective with its gradients,
-captured once per batch shape and run as one compiled graph.
+r"""The compiled training step: the loss of model, guide and objective, its gradients and the
+optimizer's update, captured once per batch shape and run as one compiled graph.
 
 An eager step of a small VAE is a few hundred Python calls (Pyro's effect handlers and traces,
-distribution objects, the objective's bookkeeping) and then autograd's backward pass. The
-compiled step records the tensor operations of all of it once, as one function
+distribution objects, the objective's bookkeeping), autograd's backward pass, and then the
+optimizer. The compiled step records the tensor operations of all of it once, as one function
 
-    step(theta, b, beta, x) -> (loss, d loss / d theta)
+    step(theta, b, s, r, beta, x) -> (loss, d loss / d theta),  updating theta and s in place,
 
-of the parameters theta, the buffers b, the KL weight beta (an input, so that annealing changes
-it without a new capture) and the batch x (``[N, ...]`` each), with
-``torch.fx.experimental.proxy_tensor.make_fx`` over ``torch.func.functional_call`` of
-``objective(model, guide)``. The backward pass is part of the recording, and so are the
-gradient hooks through which PIWAE and DReG route different gradients to model and guide.
-``torch.compile`` (inductor) then fuses the recording into a few loops; on CUDA it also replays
-them as a CUDA graph (one launch per step). The random draws are operations of the graph that
-draw from torch's generator exactly as the eager loss does (inductor's ``fallback_random``),
-so the same seed gives the same draws and a resumed run continues the same stream.
-``torch.compile`` applied to the loss directly breaks its graph at Pyro's handlers and runs
-slower than eager.
+of the parameters theta, the buffers b, the optimizer's state s (Adam's moments and step
+count, in the optimizer's own ``state``), the step's rates r (learning rates and Adam's bias
+corrections, :func:`zoo.updates.step_rates`, inputs so that the schedule moves them without a
+new capture), the KL weight beta (an input for the same reason, so annealing works) and the
+batch x (``[N, ...]`` each), with ``torch.fx.experimental.proxy_tensor.make_fx`` over
+``torch.func.functional_call`` of ``objective(model, guide)``, then
+:func:`zoo.updates.update`. The loss is that of :func:`zoo.train.eager_step`, per data point;
+the backward pass is part of the recording, and so are the gradient hooks through which PIWAE
+and DReG route different gradients to model and guide, the clipping of the gradients' norm, and
+"no step when the loss is not finite". ``torch.compile`` (inductor) then fuses the recording
+into a few loops; on CUDA it also replays them as a CUDA graph. The random draws are operations
+of the graph that draw from torch's generator exactly as the eager loss does (inductor's
+``fallback_random``), so the same seed gives the same draws and a resumed run continues the same
+stream. ``torch.compile`` applied to the loss directly breaks its graph at Pyro's handlers and
+runs slower than eager.
 
 A recording fixes every Python decision made while it was taken, so the step is checked:
 
 - a model or guide that reads a tensor's value in Python (``if x.sum() > 0``, ``.item()``)
   cannot be recorded (``make_fx`` refuses it), and trains eagerly;
 - the first batch of each shape, and every ``VERIFY_EVERY``-th step after it, runs the eager
-  loss as well, from the same random state, and the compiled loss and gradients must agree
-  with it to float rounding (``TOLERANCE``); a model that branches on the step or on the data
-  fails this check and trains eagerly from then on. The check does not change what training
-  draws or computes: the step always uses the compiled result;
+  loss and gradients as well, from the same random state, and the compiled loss and gradients
+  must agree with them to float rounding (``TOLERANCE``); a model that branches on the step or
+  on the data fails this check: that step is taken again eagerly from the state before it, and
+  training goes on eagerly. A check that passes does not change what training draws or
+  computes;
 - a recording is kept (in a cache shared by the runs of a process) under a key of the source
   files of every module class of model and guide, the objective and its settings, the modules'
-  scalar settings, and the shapes of parameters and batch, read when training starts: a
-  student who edits a model file and trains again gets a fresh capture.
+  scalar settings, the optimizer's constants, the shapes of parameters and batch, read when
+  training starts: a student who edits a model file and trains again gets a fresh capture.
 
 Each fallback says why in one line (a warning). Compiling takes tens of seconds on a small CPU,
 so ``auto`` compiles only runs whose budget is at least ``COMPILE_MIN_STEPS`` steps and trains
@@ -54,20 +59,23 @@ from typing import Any
 
 import pyro
 import torch
+import torch._inductor
 from torch import Tensor
 from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from zoo import updates
 from zoo.objectives import Objective
 
 STEPS = ("auto", "compiled", "eager")
 """The values of ``TrainSettings.step`` (``--compile``, ``--eager``; default ``auto``)."""
 
 COMPILE_MIN_STEPS = 10_000
-"""``auto`` compiles runs of at least this many steps. Compiling the step of a small VAE took
-6-80 s on this project's busy 2-core machine (8 s with inductor's on-disk cache warm) and saved
-3-8 ms per step at batch 20, most of it Python: some 10,000 steps to repay it. The default MNIST
-VAE run (10 epochs at batch 20, 30,000 steps) is compiled; the demo's runs are not."""
+"""``auto`` compiles runs of at least this many steps. Compiling the whole step of the MNIST VAE
+(loss, gradients and Adam) took 14-24 s on this project's 2-core machine (up to 80 s when it is
+busy; less with inductor's on-disk cache warm) and saves about 5 ms per step at batch 20, most
+of it Python: 3,000-16,000 steps to repay it. The default MNIST VAE run (10 epochs at batch 20,
+30,000 steps) is compiled; the demo's runs are not."""
 
 VERIFY_EVERY = 1000
 """Steps between two checks of the compiled step against the eager one (after the first)."""
@@ -79,21 +87,25 @@ taken otherwise far above."""
 
 log = logging.getLogger(__name__)
 
-_GRAPHS: dict[tuple, Callable[..., tuple[Tensor, list[Tensor | None]]]] = {}
-"""Compiled steps by :func:`_key`, shared by the runs of a process."""
+_GRAPHS: dict[tuple, Callable[[list[Tensor]], tuple[Tensor, list[Tensor | None]]]] = {}
+"""Compiled steps by what they were recorded from (:func:`_key`, the optimizer's constants, the
+batch's shapes), shared by the runs of a process."""
+
+Step = Callable[[tuple[Tensor, ...]], Tensor]
+"""One optimizer step on a batch (the tensors model and guide are called with): returns the
+batch's loss per data point, detached; a loss that is not finite is returned without a step."""
 
 
-def step_loss(objective, model: torch.nn.Module, guide: torch.nn.Module, step: str,
-              total_steps: int, *, done: int = 0, budget_is_cap: bool = False
-              ) -> Callable[..., Tensor]:
-    """The loss of the training steps ``done``, ``done + 1``, ..., one call each,
-    ``loss(*batch)``, summed over the batch as ``objective.differentiable_loss(model, guide,
-    *batch)`` returns it: eager, or compiled (:class:`CompiledLoss`) when ``step`` is
-    ``compiled``, or ``auto`` for a run whose budget of ``total_steps`` is at least
-    :data:`COMPILE_MIN_STEPS` (from that step on when the budget is only a cap,
-    ``budget_is_cap``: training to convergence). The compiled loss's ``backward()`` delivers
-    the recorded gradients to the parameters that require them."""
-    eager = partial(objective.differentiable_loss, model, guide)
+def training_step(eager: Step, objective, model: torch.nn.Module, guide: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer, *, step: str, total_steps: int,
+                  clip_norm: float | None = None, done: int = 0, budget_is_cap: bool = False
+                  ) -> Step:
+    """The training steps ``done``, ``done + 1``, ..., one call each: ``eager`` (a step of
+    :func:`zoo.train.eager_step` over ``objective``, ``model``, ``guide`` and ``optimizer``),
+    or the same step compiled (:class:`CompiledStep`) when ``step`` is ``compiled``, or
+    ``auto`` for a run whose budget of ``total_steps`` is at least :data:`COMPILE_MIN_STEPS`
+    (from that step on when the budget is only a cap, ``budget_is_cap``: training to
+    convergence)."""
     if step == "eager":
         return eager
     if step == "auto" and total_steps < COMPILE_MIN_STEPS:
@@ -101,46 +113,59 @@ def step_loss(objective, model: torch.nn.Module, guide: torch.nn.Module, step: s
                  "(auto compiles runs of %d steps or more)", total_steps, COMPILE_MIN_STEPS)
         return eager
     first = COMPILE_MIN_STEPS if step == "auto" and budget_is_cap else 0
-    return CompiledLoss(objective, model, guide, first=first, done=done)
+    return CompiledStep(eager, objective, model, guide, optimizer, clip_norm=clip_norm,
+                        first=first, done=done)
 
 
-class CompiledLoss:
-    """``objective.differentiable_loss(model, guide, *batch)`` run as a compiled graph per
-    batch shape, checked against the eager loss, falling back to it with one line of warning
-    (see the module's docstring); each call is one training step, the steps ``done``, ``done +
-    1``, ... of the run, eager before step ``first``. ``reason`` is None while compiled, else
-    why it is eager."""
+class CompiledStep:
+    """The step ``eager`` (see :func:`training_step`) run as a compiled graph per batch shape,
+    checked against the eager loss and gradients, falling back to ``eager`` with one line of
+    warning (see the module's docstring); each call is one training step, the steps ``done``,
+    ``done + 1``, ... of the run, eager before step ``first``. ``reason`` is None while
+    compiled, else why it is eager."""
 
-    def __init__(self, objective, model: torch.nn.Module, guide: torch.nn.Module, *,
+    def __init__(self, eager: Step, objective, model: torch.nn.Module, guide: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, *, clip_norm: float | None = None,
                  first: int = 0, done: int = 0):
-        self.objective = objective
-        self.eager = partial(objective.differentiable_loss, model, guide)
+        self.eager, self.objective, self.optimizer = eager, objective, optimizer
+        self.eager_loss = partial(objective.differentiable_loss, model, guide)
         self.module = objective(model, guide)  # pyro's ELBOModule: forward = the loss
-        self.reason: str | None = None
-        self.first, self.step = first, done
-        named = dict(self.module.named_parameters())
-        self.trainable = [name for name, parameter in named.items() if parameter.requires_grad]
-        self.parameters = [named[name] for name in self.trainable]
-        self.state = _state(self.module)
-        self.key = _key(objective, self.module, self.trainable)
-        self._checked: set[tuple] = set()
+        self.first, self.step, self.clip_norm = first, done, clip_norm
+        self.reason: str | None = updates.unsupported(optimizer)
+        self.state = [*self.module.parameters(), *self.module.buffers()]
+        position = {parameter: index for index, parameter in enumerate(self.state)}
+        self.trained = [(position[parameter], group) for group in optimizer.param_groups
+                        for parameter in group["params"] if parameter in position]
+        if self.reason is None and len(self.trained) < sum(
+                len(group["params"]) for group in optimizer.param_groups):
+            self.reason = "the optimizer moves parameters outside model and guide"
+        self.parameters = [self.state[index] for index, _ in self.trained]
+        self.key = (_key(objective, self.module), updates.settings(optimizer), clip_norm,
+                    tuple(index for index, _ in self.trained))
+        self._graphs: dict[tuple, Callable] = {}
+        """This run's compiled steps by the shapes of the batch (from :data:`_GRAPHS`)."""
+        self._held: list[Tensor] | None = None
+        if self.reason is not None:
+            warnings.warn(f"training eagerly: {self.reason} (--eager skips the compiled step)",
+                          stacklevel=3)
 
-    def __call__(self, *batch: Tensor) -> Tensor:
+    def __call__(self, batch: tuple[Tensor, ...]) -> Tensor:
         self.step += 1
         if self.reason is not None or self.step <= self.first or not torch.is_grad_enabled():
-            return self.eager(*batch)
-        key = (self.key, tuple((tensor.shape, tensor.dtype, tensor.device) for tensor in batch))
+            return self.eager(batch)
+        shapes = tuple((tensor.shape, tensor.dtype, tensor.device) for tensor in batch)
         try:
-            if key not in _GRAPHS:
-                _GRAPHS[key] = _compile(
-                    _capture(self.objective, self.module, self.trainable, batch),
-                    batch[0].device)
-            compiled = partial(_GRAPHS[key], *_inputs(self.objective, self.state, batch))
-            if key not in self._checked or self.step % VERIFY_EVERY == 0:
-                loss, gradients = self._checked_run(compiled, batch)
-                self._checked.add(key)
+            inputs = self._inputs(batch)
+            if shapes not in self._graphs:
+                key = (self.key, shapes)
+                if key not in _GRAPHS:
+                    _GRAPHS[key] = _compile(*self._capture(inputs), inputs)
+                self._graphs[shapes] = _GRAPHS[key]
+                loss = self._checked_run(self._graphs[shapes], inputs, batch)
+            elif self.step % VERIFY_EVERY == 0:
+                loss = self._checked_run(self._graphs[shapes], inputs, batch)
             else:
-                loss, gradients = compiled()
+                loss, _ = self._graphs[shapes](inputs)
         except _Fallback as fallback:
             return self._fall_back(str(fallback), batch)
         except RuntimeError as error:
@@ -149,109 +174,138 @@ class CompiledLoss:
                 message = ("the model, guide or objective reads a tensor's value in Python (a "
                            "data-dependent branch, .item()), which a recording would freeze")
             return self._fall_back(message, batch)
-        return _WithGradients.apply(loss, gradients, *self.parameters)
+        return loss
 
-    def _checked_run(self, compiled: Callable, batch: Sequence[Tensor]
-                     ) -> tuple[Tensor, list[Tensor | None]]:
-        """The compiled step, after the eager one from the same random state; both must give
-        the same loss, gradients and draws (the random state after them)."""
-        devices = [batch[0].device] if batch[0].device.type == "cuda" else []
+    def _inputs(self, batch: Sequence[Tensor]) -> list[Tensor]:
+        """The inputs of a recorded step, in one flat list: parameters and buffers, the
+        optimizer's state (that of the first compiled step, which the steps write in place), the
+        step's rates, the KL weight, the batch."""
+        if self._held is None:
+            self._held = [*(tensor.detach() for tensor in self.state), *(
+                tensor for parameter in self.parameters
+                for tensor in updates.state_of(self.optimizer, parameter))]
+        kl_weight = (getattr(self.objective, "kl_weight", 1.0)
+                     if isinstance(self.objective, Objective) else 1.0)
+        device = batch[0].device
+        return [*self._held, updates.step_rates(self.optimizer, device),
+                torch.tensor(float(kl_weight), device=device), *batch]
+
+    def _capture(self, inputs: list[Tensor]) -> tuple[torch.fx.GraphModule, list[bool]]:
+        """The recording of one step (see the docstring of the module) from flat inputs to the
+        flat outputs (loss, gradients that are not None), and which gradients are not None;
+        taken on copies of the state and on a forked random stream, so that recording changes
+        nothing of training's."""
+        names = [*dict(self.module.named_parameters()), *dict(self.module.named_buffers())]
+        groups = {id(group): index for index, group in enumerate(self.optimizer.param_groups)}
+        trained, objective, module = self.trained, self.objective, self.module
+        optimizer, clip_norm, present = self.optimizer, self.clip_norm, []
+        size, moments = len(names), updates.state_size(optimizer)
+
+        def step(*flat: Tensor) -> tuple[Tensor, ...]:
+            state, rates, kl_weight = flat[:size], flat[len(self._held)], flat[len(self._held) + 1]
+            batch = flat[len(self._held) + 2:]
+            leaves = dict(zip(names, (value.detach() for value in state), strict=True))
+            for index, _ in trained:
+                leaves[names[index]].requires_grad_()
+            with _kl_weight(objective, kl_weight), pyro.validation_enabled(False):
+                loss = functional_call(module, leaves, batch, strict=True) / batch[0].shape[0]
+            gradients = torch.autograd.grad(loss, [leaves[names[index]] for index, _ in trained],
+                                            allow_unused=True)
+            with torch.no_grad():
+                finite = torch.isfinite(loss)
+                for number, ((index, group), gradient) in enumerate(
+                        zip(trained, updates.clip(list(gradients), clip_norm), strict=True)):
+                    if gradient is not None:
+                        begin = size + number * moments
+                        updates.update(optimizer, group, state[index], gradient,
+                                       flat[begin:begin + moments], rates[groups[id(group)]],
+                                       finite)
+            present[:] = [gradient is not None for gradient in gradients]
+            return (loss.detach(), *(gradient for gradient in gradients if gradient is not None))
+
+        copies = [tensor.clone() for tensor in inputs]
+        devices = [inputs[-1].device] if inputs[-1].device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            eager_loss = self.eager(*batch)
+            return make_fx(step)(*copies), present
+
+    def _checked_run(self, compiled: Callable, inputs: list[Tensor], batch: Sequence[Tensor]
+                     ) -> Tensor:
+        """The compiled step, after the eager loss and gradients from the same random state;
+        both must give the same loss, gradients and draws (the random state after them). When
+        they do not, the state before the step is restored and :class:`_Fallback` raised."""
+        device = batch[0].device
+        devices = [device] if device.type == "cuda" else []
+        before_rng = _random_state(device)
+        with torch.random.fork_rng(devices=devices):
+            eager_loss = self.eager_loss(*batch) / batch[0].shape[0]
             eager_gradients = torch.autograd.grad(eager_loss, self.parameters,
                                                   allow_unused=True)
-            after_eager = _random_state(batch[0].device)
-        loss, gradients = compiled()
-        if not torch.equal(_random_state(batch[0].device), after_eager):
-            raise _Fallback("the compiled step draws other random numbers than the eager one")
-        pairs = [("the loss", loss, eager_loss.detach())] + [
-            (f"the gradient of {tuple(parameter.shape)}", gradient, eager)
-            for parameter, gradient, eager in zip(self.parameters, gradients, eager_gradients,
-                                                  strict=True)]
-        for what, value, eager in pairs:
-            if (value is None) != (eager is None) or value is not None and not _close(value,
-                                                                                       eager):
-                raise _Fallback(f"{what} of the compiled step differs from the eager one, so "
-                                f"the model or guide branches on the data or on the step")
-        return loss, gradients
+            after_eager = _random_state(device)
+        saved = [tensor.clone() for tensor in self._held]
+        loss, gradients = compiled(inputs)
+        try:
+            if not torch.equal(_random_state(device), after_eager):
+                raise _Fallback("the compiled step draws other random numbers than the eager "
+                                "one")
+            _compare(loss, gradients, eager_loss.detach(), eager_gradients, self.parameters)
+        except _Fallback:
+            torch._foreach_copy_(self._held, saved)
+            _set_random_state(device, before_rng)
+            raise
+        return loss
 
-    def _fall_back(self, reason: str, batch: Sequence[Tensor]) -> Tensor:
+    def _fall_back(self, reason: str, batch: tuple[Tensor, ...]) -> Tensor:
         self.reason = reason
         warnings.warn(f"training eagerly: {reason} (--eager skips the compiled step)",
                       stacklevel=3)
-        return self.eager(*batch)
+        return self.eager(batch)
 
 
 class _Fallback(Exception):
     """The compiled step does not reproduce the eager one."""
 
 
-class _WithGradients(torch.autograd.Function):
-    """A loss whose backward pass hands the recorded gradients to ``parameters``, times the
-    incoming gradient (a scalar: the engine's 1 / batch size)."""
-
-    @staticmethod
-    def forward(ctx, loss: Tensor, gradients: list[Tensor | None], *parameters: Tensor
-                ) -> Tensor:
-        ctx.gradients = gradients
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        present = [gradient for gradient in ctx.gradients if gradient is not None]
-        scaled = iter(torch._foreach_mul(present, grad_output))  # one call for all
-        return (None, None, *(None if gradient is None else next(scaled)
-                              for gradient in ctx.gradients))
+def _compare(loss: Tensor, gradients: Sequence[Tensor | None], eager_loss: Tensor,
+             eager_gradients: Sequence[Tensor | None], parameters: Sequence[Tensor]) -> None:
+    """Raise :class:`_Fallback` unless the compiled loss and gradients are the eager ones up to
+    float rounding (:data:`TOLERANCE`)."""
+    pairs = [("the loss", loss, eager_loss)] + [
+        (f"the gradient of {tuple(parameter.shape)}", gradient, eager)
+        for parameter, gradient, eager in zip(parameters, gradients, eager_gradients,
+                                              strict=True)]
+    for what, value, eager in pairs:
+        if (value is None) != (eager is None) or value is not None and not _close(value, eager):
+            raise _Fallback(f"{what} of the compiled step differs from the eager one, so the "
+                            f"model or guide branches on the data or on the step")
 
 
-def _state(module: torch.nn.Module) -> list[Tensor]:
-    """The parameters and buffers of ``module``, in the order of the recording's inputs."""
-    return [*module.parameters(), *module.buffers()]
+def _compile(graph: torch.fx.GraphModule, present: list[bool], inputs: list[Tensor]
+             ) -> Callable[[list[Tensor]], tuple[Tensor, list[Tensor | None]]]:
+    """The recorded step compiled (:func:`_inductor`), returning the loss and the gradients,
+    None where ``present`` says so; on CUDA its outputs are copied before the next replay of
+    the CUDA graph overwrites them."""
+    compiled, device = _inductor(graph, inputs), inputs[-1].device
 
-
-def _inputs(objective, state: list[Tensor], batch: Sequence[Tensor]) -> list:
-    """The inputs of a recorded step: parameters and buffers, the KL weight, the batch."""
-    kl_weight = getattr(objective, "kl_weight", 1.0) if isinstance(objective, Objective) else 1.0
-    return [[tensor.detach() for tensor in state],
-            torch.tensor(float(kl_weight), device=batch[0].device), *batch]
-
-
-def _capture(objective, module: torch.nn.Module, trainable: list[str], batch: Sequence[Tensor]
-             ) -> torch.fx.GraphModule:
-    """The recording of step(theta, b, beta, x) -> (loss, gradients) (see the docstring of the
-    module), taken on a forked random stream so that recording draws nothing from training's."""
-    names = [*dict(module.named_parameters()), *dict(module.named_buffers())]
-
-    def step(state: list[Tensor], kl_weight: Tensor, *inputs: Tensor):
-        leaves = dict(zip(names, (value.detach() for value in state), strict=True))
-        for name in trainable:
-            leaves[name].requires_grad_()
-        with _kl_weight(objective, kl_weight), pyro.validation_enabled(False):
-            loss = functional_call(module, leaves, tuple(inputs), strict=True)
-        gradients = torch.autograd.grad(loss, [leaves[name] for name in trainable],
-                                        allow_unused=True)
-        return loss.detach(), list(gradients)
-
-    devices = [batch[0].device] if batch[0].device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        return make_fx(step)(*_inputs(objective, _state(module), batch))
-
-
-def _compile(graph: torch.fx.GraphModule, device: torch.device
-             ) -> Callable[..., tuple[Tensor, list[Tensor | None]]]:
-    """The recorded step compiled by inductor, random draws left to torch's generator; on
-    CUDA replayed as a CUDA graph, its outputs copied before the next replay overwrites them."""
-    options = {"fallback_random": True, "triton.cudagraphs": device.type == "cuda"}
-    compiled = torch.compile(graph, fullgraph=True, dynamic=False, options=options)
-
-    def run(*inputs) -> tuple[Tensor, list[Tensor | None]]:
+    def run(inputs: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
         with torch.no_grad():  # the recording holds its own backward pass
-            loss, gradients = compiled(*inputs)
+            outputs = compiled(*inputs)
         if device.type == "cuda":
-            loss, gradients = loss.clone(), [g if g is None else g.clone() for g in gradients]
-        return loss, gradients
+            outputs = [output.clone() for output in outputs]
+        loss, found = outputs[0], iter(outputs[1:])
+        return loss, [next(found) if exists else None for exists in present]
 
     return run
+
+
+def _inductor(graph: torch.fx.GraphModule, inputs: list[Tensor]) -> Callable[..., Sequence[Tensor]]:
+    """``graph`` compiled by inductor without dynamo (the recording is already a graph of aten
+    operations, so no guards are checked on each call), its random draws left to torch's
+    generator; on CUDA replayed as a CUDA graph."""
+    device = inputs[-1].device
+    options = {"fallback_random": True, "triton.cudagraphs": device.type == "cuda"}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return torch._inductor.compile(graph, [tensor.clone() for tensor in inputs],
+                                       options=options)
 
 
 @contextmanager
@@ -267,10 +321,10 @@ def _kl_weight(objective, kl_weight: Tensor):
         objective.kl_weight = before
 
 
-def _key(objective, module: torch.nn.Module, trainable: list[str]) -> tuple:
-    """What a recording depends on, besides the batch's shapes: the source files and settings
-    of the objective and of every module class, the shapes of parameters and buffers, and which
-    parameters train. Read once per run: the code and settings of a run in progress do not
+def _key(objective, module: torch.nn.Module) -> tuple:
+    """What a recording depends on, besides the batch's shapes and the optimizer: the source
+    files and settings of the objective and of every module class, the shapes of parameters and
+    buffers. Read once per run: the code and settings of a run in progress do not
     change (the periodic check would notice)."""
     classes = {cls for submodule in module.modules() for cls in type(submodule).__mro__}
     classes |= set(type(objective).__mro__)
@@ -284,7 +338,7 @@ def _key(objective, module: torch.nn.Module, trainable: list[str]) -> tuple:
     state = tuple((name, tuple(tensor.shape), tensor.dtype, tensor.device.type)
                   for name, tensor in (*module.named_parameters(), *module.named_buffers()))
     return (sources.hexdigest(), type(objective).__qualname__, _settings(objective), settings,
-            state, tuple(trainable))
+            state)
 
 
 def _source_file(cls: type) -> str | None:
@@ -310,6 +364,13 @@ def _settings(thing: Any) -> tuple:
 
 def _random_state(device: torch.device) -> Tensor:
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_random_state(device: torch.device, state: Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def _close(value: Tensor, eager: Tensor) -> bool:

@@ -24,7 +24,7 @@ class TrainSettings:
     ``clip_norm`` clips the global gradient norm; ``device`` is ``cpu``, ``cuda`` or ``auto``.
     ``freeze_model`` trains the guide alone, with the model's parameters held where they are.
     ``step`` is ``auto`` (compiled for runs long enough to repay the compilation), ``compiled``
-    or ``eager`` (:func:`zoo.compiled.step_loss`).
+    or ``eager`` (:func:`zoo.compiled.training_step`).
 
     ``passes`` is the number of passes over the training data in one epoch, the unit of the
     ``epochs`` budget, of the rows of metrics.csv, of checkpoints and of the convergence checks

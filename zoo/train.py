@@ -7,8 +7,8 @@ given to :func:`fit`) minimizes
     loss = objective.differentiable_loss(model, guide, *batch) / batch_size,
 
 the objective in nats per data point, with a torch optimizer over the parameters of model and
-guide. :func:`fit` is that loop; the extras are composed around the step: the compiled loss
-(:func:`zoo.compiled.step_loss`), the learning-rate schedule and its plateaus
+guide. :func:`fit` is that loop; the extras are composed around the step: the compiled step
+(:func:`zoo.compiled.training_step`), the learning-rate schedule and its plateaus
 (:mod:`zoo.optimize`, :mod:`zoo.convergence`), KL annealing (``set_progress``), the progress
 bar, the checks for non-finite values, the whole-data losses, metrics.csv and the checkpoints.
 
@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
 from zoo import distributed
-from zoo.compiled import step_loss
+from zoo.compiled import Step, training_step
 from zoo.convergence import (
     converged,
     improvement,
@@ -119,10 +120,6 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-Step = Callable[[tuple[torch.Tensor, ...]], torch.Tensor]
-"""One optimizer step on a batch (the tensors model and guide are called with): returns the
-batch's loss per data point, detached; a loss that is not finite is returned without a step."""
-
 StepFactory = Callable[[Callable[..., torch.Tensor], torch.optim.Optimizer,
                         list[torch.nn.Parameter], TrainSettings], Step]
 """Builds a :data:`Step` from ``loss_of(*batch)`` (the objective's loss of a batch, summed over
@@ -171,7 +168,7 @@ class _Training:
     batch_size: int
     total_steps: int
     loss_of: Callable[..., torch.Tensor] | None = None
-    """The loss of a batch, eager or compiled; set last, once the step to start from is known."""
+    """The loss of a batch, summed over its points."""
     history: list[dict[str, Any]] = field(default_factory=list)
     step: int = 0
     first_step: int = 0
@@ -222,7 +219,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
     settings = settings or TrainSettings()
     with torch_threads(settings.threads):
         run = _prepare(model, guide, objective, train, test, settings, run_dir, checkpoint)
-        take_step = make_step(run.loss_of, run.optimizer, run.parameters, settings)
+        take_step = _training_step(run, make_step)
         bar = tqdm(total=run.total_steps, initial=run.step, unit="step", dynamic_ncols=True,
                    desc=desc, disable=settings.quiet or not distributed.is_main())
         try:
@@ -242,8 +239,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
 def _prepare(model, guide, objective, train, test, settings: TrainSettings,
              run_dir: Path | None, checkpoint: dict[str, Any] | None) -> _Training:
     """Model, guide and data on the device; the optimizer over the trained parameters; the
-    state of ``checkpoint`` restored, else every generator seeded; the loss of each step, eager
-    or compiled as ``settings.step`` says (:func:`zoo.compiled.step_loss`)."""
+    state of ``checkpoint`` restored, else every generator seeded; the loss of a batch."""
     distributed.check(settings.batch_size, getattr(objective, "free_bits", 0.0))
     device = distributed.setup(resolve_device(settings.device))
     model.to(device), guide.to(device)
@@ -269,11 +265,19 @@ def _prepare(model, guide, objective, train, test, settings: TrainSettings,
         if run_dir is not None and distributed.is_main():
             write_metrics(run_dir, run.history)
     run.first_step, run.validate = run.step, is_validation_enabled()
-    run.loss_of = step_loss(objective, model, shared_guide,
-                            settings.step if distributed.world_size() == 1 else "eager",
-                            run.total_steps, done=run.step,
-                            budget_is_cap=settings.tolerance is not None)
+    run.loss_of = partial(objective.differentiable_loss, model, shared_guide)
     return run
+
+
+def _training_step(run: _Training, make_step: StepFactory) -> Step:
+    """The step ``make_step`` builds, compiled as ``settings.step`` says
+    (:func:`zoo.compiled.training_step`; eager under several processes)."""
+    settings = run.settings
+    eager = make_step(run.loss_of, run.optimizer, run.parameters, settings)
+    return training_step(eager, run.objective, run.model, run.guide, run.optimizer,
+                         step=settings.step if distributed.world_size() == 1 else "eager",
+                         total_steps=run.total_steps, clip_norm=settings.clip_norm,
+                         done=run.step, budget_is_cap=settings.tolerance is not None)
 
 
 def _train_epoch(run: _Training, take_step: Step, transform, bar) -> dict[str, Any]:
