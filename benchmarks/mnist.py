@@ -5,8 +5,9 @@ evaluated on the test images with 5000 importance samples per image.
 Each row is ``zoo train vae --dataset mnist ROW`` followed by
 ``zoo evaluate RUN --particles 5000 --split test --json``. The long rows take hours on one CPU
 thread (training 30-80 minutes, the 5000-sample evaluation about 17 minutes), so ``--rows``
-picks some; the table keeps the rows already in the JSON file and replaces those run again,
-and each row records its own date and load.
+picks some (two runs of this script, each on its own rows, can share a machine's cores); the
+table keeps the rows already in the JSON file and replaces those run again, and each row records
+its own date and load.
 
     python benchmarks/mnist.py [--rows 0 1 ...] [--particles 5000] [--threads 1]
                                [--data-dir DIR] [--out benchmarks/results] [--runs DIR]
@@ -85,11 +86,13 @@ def main(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     previous = out / "mnist.json"
-    measured = json.loads(previous.read_text()) if previous.exists() else {}
+    measured: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as temporary:
         for index in args.rows:
             row = run_row(ROWS[index], args, Path(args.runs or temporary))
             print(json.dumps(row), flush=True)
+            # read again: another run of this script may have written its rows meanwhile
+            measured = json.loads(previous.read_text()) if previous.exists() else {}
             measured[row["command"]] = row
             write_table(measured, out)
     return measured

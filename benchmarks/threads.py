@@ -7,8 +7,12 @@ fixed ``--steps`` on its default data, alternating one thread and torch's defaul
 ``--repeats`` times in the same process, and reports the medians, their ratio and the machine's
 load average (``os.getloadavg``) before and after, since the ratio depends on it.
 
+``--busy 0 2`` times each model twice: on the machine as it is, and with two other processes
+spinning on its CPUs meanwhile (``python -c "while True: pass"``), which stands in for the other
+work of a shared machine, reproducibly.
+
     python benchmarks/threads.py [--models ppca expnormal gmm vae] [--steps 300] [--repeats 3]
-                                 [--out benchmarks/results]
+                                 [--busy 0 2] [--out benchmarks/results]
 
 writes ``threads.json`` and ``threads.md`` to the output folder.
 """
@@ -20,7 +24,11 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +49,28 @@ def training_seconds(model: str, steps: int, threads: int) -> float:
     return time.perf_counter() - started
 
 
+@contextmanager
+def busy(processes: int) -> Iterator[None]:
+    """``processes`` other processes spinning on the CPUs while the block runs."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(processes)]
+    try:
+        time.sleep(1.0 if spinners else 0.0)  # let them start
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["ppca", "expnormal", "gmm", "vae"])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3, help="runs timed per setting")
+    parser.add_argument("--busy", type=int, nargs="+", default=[0, 2], metavar="N",
+                        help="other processes spinning meanwhile, one table row per model "
+                             "and N (default: %(default)s)")
     parser.add_argument("--out", default="benchmarks/results", metavar="DIR")
     return parser
 
@@ -54,17 +79,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     default = torch.get_num_threads()
     load_before = os.getloadavg()
     rows = []
-    for model in args.models:
-        training_seconds(model, 5, 1)  # warm-up: first-call costs are not timed
-        times: dict[int, list[float]] = {1: [], default: []}
-        for _ in range(args.repeats):
-            for threads in times:
-                times[threads].append(training_seconds(model, args.steps, threads))
-        one, many = (statistics.median(times[threads]) for threads in (1, default))
-        rows.append({"model": model, "one_thread_s": one, "default_threads_s": many,
-                     "ratio": many / one})
-        print(f"{model:10s} 1 thread {one:6.2f} s, {default} threads {many:6.2f} s, "
-              f"ratio {many / one:4.2f}", flush=True)
+    for others in args.busy:
+        with busy(others):
+            for model in args.models:
+                training_seconds(model, 5, 1)  # warm-up: first-call costs are not timed
+                times: dict[int, list[float]] = {1: [], default: []}
+                for _ in range(args.repeats):
+                    for threads in times:
+                        times[threads].append(training_seconds(model, args.steps, threads))
+                one, many = (statistics.median(times[threads]) for threads in (1, default))
+                rows.append({"model": model, "busy": others, "one_thread_s": one,
+                             "default_threads_s": many, "ratio": many / one})
+                print(f"{model:10s} busy {others}: 1 thread {one:6.2f} s, {default} threads "
+                      f"{many:6.2f} s, ratio {many / one:4.2f}", flush=True)
     load_after = os.getloadavg()
     result = {"steps": args.steps, "repeats": args.repeats, "default_threads": default,
               "cpus": os.cpu_count(), "load_before": load_before, "load_after": load_after,
@@ -77,9 +104,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
              f"{args.repeats}; {result['cpus']} CPUs, torch's default {default} threads; "
              f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
              f"({result['date']})", "",
-             f"| model | 1 thread (s) | {default} threads (s) | ratio |", "|---|---|---|---|"]
-    lines += [f"| {row['model']} | {row['one_thread_s']:.2f} | {row['default_threads_s']:.2f} | "
-              f"{row['ratio']:.2f} |" for row in rows]
+             f"| model | other busy processes | 1 thread (s) | {default} threads (s) | ratio |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {row['model']} | {row['busy']} | {row['one_thread_s']:.2f} | "
+              f"{row['default_threads_s']:.2f} | {row['ratio']:.2f} |" for row in rows]
     (out / "threads.md").write_text("\n".join(lines) + "\n")
     return result
 
