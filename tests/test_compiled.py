@@ -325,6 +325,22 @@ def test_an_optimizer_without_a_recorded_update_trains_eagerly_in_one_line():
     assert step.reason is not None
 
 
+def test_a_loss_that_is_not_finite_takes_no_step(replayed_step):
+    """As the eager step: the loss is returned, the parameters stay (the training loop then
+    stops on it), and no fallback is reported; the next finite batch steps."""
+    model, guide = _Model(), _Guide()
+    step, parameters = _sgd_step(make_objective("elbo"), model, guide, lr=0.1)
+    before = [parameter.detach().clone() for parameter in parameters]
+    x = torch.randn(10, 3)
+    with pyro.validation_enabled(False), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not torch.isfinite(step((torch.where(x > 1, float("nan"), x),)))
+        assert list(map(torch.equal, parameters, before)) == [True] * len(before)
+        assert torch.isfinite(step((x,)))
+    assert step.reason is None
+    assert not any(map(torch.equal, parameters, before))
+
+
 class _Scaled(_Model):
     """The model's likelihood scale a setting read in Python, which a recording freezes."""
 

@@ -199,16 +199,15 @@ class CompiledStep:
         groups = {id(group): index for index, group in enumerate(self.optimizer.param_groups)}
         trained, objective, module = self.trained, self.objective, self.module
         optimizer, clip_norm, present = self.optimizer, self.clip_norm, []
-        size, moments = len(names), updates.state_size(optimizer)
+        size, moments, held = len(names), updates.state_size(optimizer), len(self._held)
 
         def step(*flat: Tensor) -> tuple[Tensor, ...]:
-            state, rates, kl_weight = flat[:size], flat[len(self._held)], flat[len(self._held) + 1]
-            batch = flat[len(self._held) + 2:]
+            state, (rates, kl_weight, *batch) = flat[:size], flat[held:]
             leaves = dict(zip(names, (value.detach() for value in state), strict=True))
             for index, _ in trained:
                 leaves[names[index]].requires_grad_()
             with _kl_weight(objective, kl_weight), pyro.validation_enabled(False):
-                loss = functional_call(module, leaves, batch, strict=True) / batch[0].shape[0]
+                loss = functional_call(module, leaves, tuple(batch), strict=True) / len(batch[0])
             gradients = torch.autograd.grad(loss, [leaves[names[index]] for index, _ in trained],
                                             allow_unused=True)
             with torch.no_grad():
@@ -268,7 +267,10 @@ class _Fallback(Exception):
 def _compare(loss: Tensor, gradients: Sequence[Tensor | None], eager_loss: Tensor,
              eager_gradients: Sequence[Tensor | None], parameters: Sequence[Tensor]) -> None:
     """Raise :class:`_Fallback` unless the compiled loss and gradients are the eager ones up to
-    float rounding (:data:`TOLERANCE`)."""
+    float rounding (:data:`TOLERANCE`). A loss that is not finite takes no step either way, and
+    the training loop stops on it."""
+    if not bool(torch.isfinite(eager_loss)) and not bool(torch.isfinite(loss)):
+        return
     pairs = [("the loss", loss, eager_loss)] + [
         (f"the gradient of {tuple(parameter.shape)}", gradient, eager)
         for parameter, gradient, eager in zip(parameters, gradients, eager_gradients,
