@@ -63,6 +63,20 @@ def busy(processes: int) -> Iterator[None]:
             spinner.wait()
 
 
+def row(model: str, others: int, args: argparse.Namespace, default: int) -> dict[str, Any]:
+    """One table row: the median seconds of ``model`` with one and ``default`` threads."""
+    training_seconds(model, 5, 1)  # warm-up: first-call costs are not timed
+    times: dict[int, list[float]] = {1: [], default: []}
+    for _ in range(args.repeats):
+        for threads in times:
+            times[threads].append(training_seconds(model, args.steps, threads))
+    one, many = (statistics.median(times[threads]) for threads in (1, default))
+    print(f"{model:10s} busy {others}: 1 thread {one:6.2f} s, {default} threads {many:6.2f} s, "
+          f"ratio {many / one:4.2f}", flush=True)
+    return {"model": model, "busy": others, "one_thread_s": one, "default_threads_s": many,
+            "ratio": many / one}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["ppca", "expnormal", "gmm", "vae"])
@@ -81,17 +95,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for others in args.busy:
         with busy(others):
-            for model in args.models:
-                training_seconds(model, 5, 1)  # warm-up: first-call costs are not timed
-                times: dict[int, list[float]] = {1: [], default: []}
-                for _ in range(args.repeats):
-                    for threads in times:
-                        times[threads].append(training_seconds(model, args.steps, threads))
-                one, many = (statistics.median(times[threads]) for threads in (1, default))
-                rows.append({"model": model, "busy": others, "one_thread_s": one,
-                             "default_threads_s": many, "ratio": many / one})
-                print(f"{model:10s} busy {others}: 1 thread {one:6.2f} s, {default} threads "
-                      f"{many:6.2f} s, ratio {many / one:4.2f}", flush=True)
+            rows += [row(model, others, args, default) for model in args.models]
     load_after = os.getloadavg()
     result = {"steps": args.steps, "repeats": args.repeats, "default_threads": default,
               "cpus": os.cpu_count(), "load_before": load_before, "load_after": load_after,

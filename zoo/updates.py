@@ -30,9 +30,6 @@ import math
 import torch
 from torch import Tensor
 
-RATES = ("lr", "step_size", "bias_correction2_sqrt")
-"""The columns of :func:`step_rates`: one row per parameter group."""
-
 CLIP_EPS = 1e-6
 """Added to the gradients' norm before clipping, as ``torch.nn.utils.clip_grad_norm_`` does."""
 
