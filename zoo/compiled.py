@@ -17,7 +17,8 @@ batch x (``[N, ...]`` each), with ``torch.fx.experimental.proxy_tensor.make_fx``
 the backward pass is part of the recording, and so are the gradient hooks through which PIWAE
 and DReG route different gradients to model and guide, the clipping of the gradients' norm, and
 "no step when the loss is not finite". ``torch.compile`` (inductor) then fuses the recording
-into a few loops; on CUDA it also replays them as a CUDA graph. The random draws are operations
+into a few loops; on CUDA the compiled step is captured as a CUDA graph and replayed, one
+launch per step. The random draws are operations
 of the graph that draw from torch's generator exactly as the eager loss does (inductor's
 ``fallback_random``), so the same seed gives the same draws and a resumed run continues the same
 stream. ``torch.compile`` applied to the loss directly breaks its graph at Pyro's handlers and
@@ -159,8 +160,9 @@ class CompiledStep:
             if shapes not in self._graphs:
                 key = (self.key, shapes)
                 if key not in _GRAPHS:
-                    _GRAPHS[key] = _compile(*self._capture(inputs), inputs)
-                self._graphs[shapes] = _GRAPHS[key]
+                    graph, present = self._capture(inputs)
+                    _GRAPHS[key] = _inductor(graph, inputs), present
+                self._graphs[shapes] = _runner(*_GRAPHS[key], inputs, len(self._held))
                 loss = self._checked_run(self._graphs[shapes], inputs, batch)
             elif self.step % VERIFY_EVERY == 0:
                 loss = self._checked_run(self._graphs[shapes], inputs, batch)
@@ -281,33 +283,62 @@ def _compare(loss: Tensor, gradients: Sequence[Tensor | None], eager_loss: Tenso
                             f"model or guide branches on the data or on the step")
 
 
-def _compile(graph: torch.fx.GraphModule, present: list[bool], inputs: list[Tensor]
-             ) -> Callable[[list[Tensor]], tuple[Tensor, list[Tensor | None]]]:
-    """The recorded step compiled (:func:`_inductor`), returning the loss and the gradients,
-    None where ``present`` says so; on CUDA its outputs are copied before the next replay of
-    the CUDA graph overwrites them."""
-    compiled, device = _inductor(graph, inputs), inputs[-1].device
+def _runner(compiled: Callable[..., Sequence[Tensor]], present: list[bool],
+            inputs: list[Tensor], held: int
+            ) -> Callable[[list[Tensor]], tuple[Tensor, list[Tensor | None]]]:
+    """The compiled step of one run, returning the loss and the gradients, None where
+    ``present`` says so; on CUDA replayed as a CUDA graph (:func:`_cuda_graph`) over the run's
+    ``held`` first inputs."""
+    if inputs[-1].device.type == "cuda":
+        compiled = _cuda_graph(compiled, inputs, held)
 
     def run(inputs: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
         with torch.no_grad():  # the recording holds its own backward pass
             outputs = compiled(*inputs)
-        if device.type == "cuda":
-            outputs = [output.clone() for output in outputs]
         loss, found = outputs[0], iter(outputs[1:])
         return loss, [next(found) if exists else None for exists in present]
 
     return run
 
 
+def _cuda_graph(compiled: Callable[..., Sequence[Tensor]], inputs: list[Tensor], held: int
+                ) -> Callable[..., list[Tensor]]:
+    """``compiled`` captured as one CUDA graph, so that a step is one launch. The ``held``
+    first inputs (parameters, buffers, the optimizer's state) are the run's own tensors, the
+    same at every step and written in place; the others (rates, KL weight, batch) are copied
+    into the graph's own tensors before each replay. Captured after a warm-up on copies of the
+    inputs (on a side stream, as capture requires; nothing of training's changes). A replay
+    draws from torch's CUDA generator as the captured kernels did, and advances it by as much;
+    its outputs are copied, the next replay overwrites them. Inductor's own CUDA graphs
+    (``triton.cudagraphs``) are not used: they skip a graph that writes into its inputs unless
+    dynamo marked those as parameters."""
+    device = inputs[-1].device
+    copies = [tensor.clone() for tensor in inputs]
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.random.fork_rng(devices=[device]), torch.cuda.stream(side), torch.no_grad():
+        compiled(*copies)
+    torch.cuda.current_stream(device).wait_stream(side)
+    static, graph = copies[held:], torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        outputs = compiled(*inputs[:held], *static)
+
+    def replay(*inputs: Tensor) -> list[Tensor]:
+        torch._foreach_copy_(static, list(inputs[held:]))
+        graph.replay()
+        return [output.clone() for output in outputs]
+
+    return replay
+
+
 def _inductor(graph: torch.fx.GraphModule, inputs: list[Tensor]) -> Callable[..., Sequence[Tensor]]:
     """``graph`` compiled by inductor without dynamo (the recording is already a graph of aten
     operations, so no guards are checked on each call), its random draws left to torch's
-    generator; on CUDA replayed as a CUDA graph."""
+    generator."""
     device = inputs[-1].device
-    options = {"fallback_random": True, "triton.cudagraphs": device.type == "cuda"}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return torch._inductor.compile(graph, [tensor.clone() for tensor in inputs],
-                                       options=options)
+                                       options={"fallback_random": True})
 
 
 @contextmanager

@@ -64,7 +64,9 @@ def state_size(optimizer: torch.optim.Optimizer) -> int:
 
 def state_of(optimizer: torch.optim.Optimizer, parameter: Tensor) -> list[Tensor]:
     """The tensors the update of ``parameter`` reads and writes: Adam's ``exp_avg``,
-    ``exp_avg_sq`` and ``step``, created as torch creates them on a first step; none for SGD."""
+    ``exp_avg_sq`` and ``step``, created as torch creates them on a first step; none for SGD.
+    The step count is moved to the parameter's device (torch's eager Adam keeps it on the CPU,
+    and reads it from either): a CUDA graph would not replay an operation on the CPU."""
     if not is_adam(optimizer):
         return []
     state = optimizer.state[parameter]
@@ -72,6 +74,7 @@ def state_of(optimizer: torch.optim.Optimizer, parameter: Tensor) -> list[Tensor
         state["step"] = torch.zeros((), dtype=torch.float32, device=parameter.device)
         state["exp_avg"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+    state["step"] = state["step"].to(parameter.device)
     return [state["exp_avg"], state["exp_avg_sq"], state["step"]]
 
 
