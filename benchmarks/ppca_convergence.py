@@ -11,7 +11,7 @@ whether the run converged, and its wall time (one thread, with the machine's loa
 
     python benchmarks/ppca_convergence.py [--tables issue-12 ...] [--guides meanfield full]
                                           [--losses elbo iwae] [--out benchmarks/results]
-                                          [--name ppca_convergence]
+                                          [--random SEED ...] [--name ppca_convergence]
 
 writes ``NAME.json`` and ``NAME.md`` to the output folder. The README's three PPCA tables come
 from
@@ -64,6 +64,23 @@ LOSSES = {"elbo": {}, "iwae": {"num_particles": 8},
           "dreg": {"num_particles": 8}}
 
 
+def random_spec(seed: int) -> dict[str, Any]:
+    """A table of :data:`TABLES`' kind with every setting drawn at random (from ``seed``): D in
+    4..64, M in 1..min(8, D - 1), column lengths log-uniform in [0.2, 10], noise sd in
+    [0.05, 1], shared direction in [0, 3], overall scale log-uniform in [1e-3, 1e3], shifts up
+    to 100 scale units, N in 500..5000: tables nobody tuned the defaults for."""
+    generator = np.random.default_rng(seed)
+    D = int(generator.integers(4, 65))
+    M = int(generator.integers(1, min(8, D - 1) + 1))
+    return dict(N=int(generator.integers(500, 5001)), M=M,
+                scales=sorted(np.exp(generator.uniform(np.log(0.2), np.log(10), M)).round(3)
+                              .tolist(), reverse=True),
+                sigma=round(float(np.exp(generator.uniform(np.log(0.05), 0))), 3),
+                shared=round(float(generator.uniform(0, 3)), 2),
+                scale=float(10.0 ** round(float(generator.uniform(-3, 3)), 1)),
+                shift=round(float(generator.uniform(0, 100)), 1), D=D, seed=seed)
+
+
 def write_table(name: str, folder: Path) -> tuple[Path, int]:
     """Draw the table ``name`` into ``folder/name.csv``; return its path and latent size."""
     spec = TABLES[name]
@@ -104,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=[*TABLES, *NAMED])
     parser.add_argument("--guides", nargs="+", default=["meanfield", "full"])
     parser.add_argument("--losses", nargs="+", default=["elbo"], choices=list(LOSSES))
+    parser.add_argument("--random", nargs="+", type=int, default=[], metavar="SEED",
+                        help="add a table drawn at random from each seed (random_spec)")
     parser.add_argument("--out", default="benchmarks/results", metavar="DIR")
     parser.add_argument("--name", default="ppca_convergence",
                         help="the output files' name, without suffix")
@@ -112,10 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()
+    TABLES.update({f"random-{seed}": random_spec(seed) for seed in args.random})
+    tables = [*args.tables, *(f"random-{seed}" for seed in args.random)]
     rows = []
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
-        for table in args.tables:
+        for table in tables:
             if table in NAMED:
                 data, latent_dim = {"name": table}, NAMED[table]
             else:
@@ -128,7 +149,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     print(json.dumps(row), flush=True)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "load_before": load_before, "load_after": os.getloadavg(),
-              "cpus": os.cpu_count(), "tables": TABLES, "rows": rows}
+              "cpus": os.cpu_count(),
+              "tables": {name: TABLES[name] for name in tables if name in TABLES}, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
