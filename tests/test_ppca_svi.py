@@ -80,10 +80,14 @@ UNTUNED_TABLES = {
                              shared=1.5, scale=0.02, shift=-3.0, seed=11),
     "narrow-large-scale": dict(N=1000, D=16, M=3, lengths=[1.0, 0.6, 0.35], sigma=0.2,
                                shared=2.5, scale=300.0, shift=1000.0, seed=12),
+    "low-noise": dict(N=840, D=37, M=3, lengths=[5.8, 5.7, 0.4], sigma=0.068, shared=0.9,
+                      scale=10.0, shift=700.0, seed=13),
 }
-"""Two tables unlike the default synthetic set (D = 10, M = 2, unit scale): W's columns share a
+"""Tables unlike the default synthetic set (D = 10, M = 2, unit scale): W's columns share a
 strong common direction (far from orthogonal), and the data sit at scales and offsets far from
-1 and 0. The tests pass nothing but the file and the latent size, as a user would."""
+1 and 0. The tests pass nothing but the file and the latent size, as a user would. On
+``low-noise`` (noise 1% of the two leading columns, which are nearly equal; few rows) the
+defaults do not reach the optimum yet: the README's "Not yet on every table"."""
 
 
 def _untuned_table(name: str, folder) -> tuple[str, int]:
@@ -104,7 +108,7 @@ def _untuned_table(name: str, folder) -> tuple[str, int]:
     return str(path), spec["M"]
 
 
-@pytest.mark.parametrize("table", list(UNTUNED_TABLES))
+@pytest.mark.parametrize("table", ["wide-small-scale", "narrow-large-scale"])
 @pytest.mark.parametrize("guide, loss, options", [
     ("meanfield", "elbo", {}),
     ("full", "elbo", {}),
@@ -117,6 +121,18 @@ def test_defaults_reach_the_maximum_likelihood_on_untuned_tables(table, guide, l
     """``zoo train ppca --data FILE --latent-dim M [--guide G] [--loss L --particles P]``:
     the run converges, within 0.02 nats per point of the closed-form maximum log-likelihood of
     the training rows, and the full guide within KL 0.01 of the exact posterior."""
+    _assert_defaults_reach_the_optimum(table, guide, loss, options, tmp_path)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="the stopping rule takes the loss's epoch-to-epoch "
+                   "noise on this table for plateaus and stops 0.04-0.1 nats short")
+@pytest.mark.parametrize("guide", ["meanfield", "full"])
+def test_defaults_reach_the_maximum_likelihood_on_a_low_noise_table(guide, tmp_path):
+    _assert_defaults_reach_the_optimum("low-noise", guide, "elbo", {}, tmp_path)
+
+
+def _assert_defaults_reach_the_optimum(table, guide, loss, options, tmp_path):
     path, latent_dim = _untuned_table(table, tmp_path)
     config = make_config("ppca", guide=guide, options={"latent_dim": latent_dim},
                          data={"file": path}, objective={"name": loss, **options})
