@@ -81,9 +81,9 @@ def random_spec(seed: int) -> dict[str, Any]:
                 shift=round(float(generator.uniform(0, 100)), 1), D=D, seed=seed)
 
 
-def write_table(name: str, folder: Path) -> tuple[Path, int]:
-    """Draw the table ``name`` into ``folder/name.csv``; return its path and latent size."""
-    spec = TABLES[name]
+def write_table(name: str, spec: dict[str, Any], folder: Path) -> tuple[Path, int]:
+    """Draw the table ``spec`` (as in :data:`TABLES`) into ``folder/name.csv``; return its path
+    and latent size."""
     generator = torch.Generator().manual_seed(spec["seed"])
     shared = torch.randn(spec["D"], 1, generator=generator)
     G = torch.randn(spec["D"], spec["M"], generator=generator) + spec["shared"] * shared
@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()
-    TABLES.update({f"random-{seed}": random_spec(seed) for seed in args.random})
+    specs = {**{table: TABLES[table] for table in args.tables if table in TABLES},
+             **{f"random-{seed}": random_spec(seed) for seed in args.random}}
     tables = [*args.tables, *(f"random-{seed}" for seed in args.random)]
     rows = []
     with tempfile.TemporaryDirectory() as temporary:
@@ -140,7 +141,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if table in NAMED:
                 data, latent_dim = {"name": table}, NAMED[table]
             else:
-                path, latent_dim = write_table(table, folder)
+                path, latent_dim = write_table(table, specs[table], folder)
                 data = {"file": str(path)}
             for guide in args.guides:
                 for loss in args.losses:
@@ -150,7 +151,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "load_before": load_before, "load_after": os.getloadavg(),
               "cpus": os.cpu_count(),
-              "tables": {name: TABLES[name] for name in tables if name in TABLES}, "rows": rows}
+              "tables": specs, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -141,13 +141,20 @@ def _train(config, run_dir=None, checkpoint=None):
     return experiment, history
 
 
-def _resumes_bitwise(config, tmp_path):
-    """A run stopped after its first epoch and resumed ends bitwise where the uninterrupted run
-    ends; returns the uninterrupted run's history."""
+def _straight_and_resumed(config, tmp_path):
+    """The run of ``config`` uninterrupted, its history, and the same run stopped after its
+    first epoch and resumed from that checkpoint."""
     straight, history = _train(config)
     stopped = runs.create_run_dir(tmp_path / "stopped")
     _train({**config, "train": {**config["train"], "epochs": 1}}, stopped)
     resumed, _ = _train(config, checkpoint=runs.load_checkpoint(stopped))
+    return straight, history, resumed
+
+
+def _resumes_bitwise(config, tmp_path):
+    """A run stopped after its first epoch and resumed ends bitwise where the uninterrupted run
+    ends; returns the uninterrupted run's history."""
+    straight, history, resumed = _straight_and_resumed(config, tmp_path)
     for module, other in [(straight.model, resumed.model), (straight.guide, resumed.guide)]:
         for (name, value), (_, other_value) in zip(module.state_dict().items(),
                                                    other.state_dict().items(), strict=True):
@@ -426,10 +433,7 @@ def test_cuda_graph_training_follows_eager_training_and_resumes(tmp_path):
                            "anneal_epochs": 1.0}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback
-        trained, history = _train(config)
-        stopped = runs.create_run_dir(tmp_path / "stopped")
-        _train({**config, "train": {**config["train"], "epochs": 1}}, stopped)
-        resumed, _ = _train(config, checkpoint=runs.load_checkpoint(stopped))
+        trained, history, resumed = _straight_and_resumed(config, tmp_path)
     eager, eager_history = _train({**config, "train": {**config["train"], "step": "eager"}})
     for row, eager_row in zip(history, eager_history, strict=True):
         assert abs(row["train_loss"] - eager_row["train_loss"]) <= 1e-4 * abs(
