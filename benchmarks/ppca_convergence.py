@@ -130,11 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    load_before = os.getloadavg()
+    """Run every (table, guide, objective) row, writing the results after each, so that an
+    interrupted run keeps the rows it finished (``complete`` says whether all did)."""
     specs = {**{table: TABLES[table] for table in args.tables if table in TABLES},
              **{f"random-{seed}": random_spec(seed) for seed in args.random}}
     tables = [*args.tables, *(f"random-{seed}" for seed in args.random)]
-    rows = []
+    result = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "load_before": os.getloadavg(), "cpus": os.cpu_count(), "tables": specs,
+              "rows": []}
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
         for table in tables:
@@ -146,25 +149,31 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             for guide in args.guides:
                 for loss in args.losses:
                     row = run_row(table, data, latent_dim, guide, loss, folder)
-                    rows.append(row)
+                    result["rows"].append(row)
                     print(json.dumps(row), flush=True)
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "load_before": load_before, "load_after": os.getloadavg(),
-              "cpus": os.cpu_count(),
-              "tables": specs, "rows": rows}
-    out = Path(args.out)
+                    complete = len(result["rows"]) == len(tables) * len(args.guides) * len(
+                        args.losses)
+                    write_results(result, complete, Path(args.out), args.name)
+    return result
+
+
+def write_results(result: dict[str, Any], complete: bool, out: Path, name: str) -> None:
+    """``NAME.json`` and ``NAME.md`` in ``out``, with the rows so far."""
+    result.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  load_after=os.getloadavg(), complete=complete)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"PPCA defaults on untuned tables ({result['date']}; one thread; load average "
-             f"{load_before[0]:.1f} before, {result['load_after'][0]:.1f} after, "
-             f"{result['cpus']} CPUs)", "",
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    load = (f"load average {result['load_before'][0]:.1f} before, "
+            f"{result['load_after'][0]:.1f} after")
+    lines = [f"PPCA defaults on untuned tables ({result['started']} to {result['date']}; one "
+             f"thread; {load}, {result['cpus']} CPUs)"
+             + ("" if complete else "; interrupted: only the rows below finished"), "",
              "| table | guide | objective | gap (nats/point) | KL | steps | converged | seconds |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {row['table']} | {row['guide']} | {row['loss']} | {row['gap']:.4f} | "
               f"{row['kl']:.4f} | {row['steps']} | {row['converged']} | {row['seconds']:.0f} |"
-              for row in rows]
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    return result
+              for row in result["rows"]]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

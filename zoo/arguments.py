@@ -85,15 +85,20 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a fixed budget of optimizer steps (overrides --epochs)")
     train.add_argument("--tolerance", type=float, metavar="T",
                        help="train to convergence: stop once the loss improves by less than T "
-                            "nats per data point per epoch (the default for ppca, with "
-                            "T = 1e-4, and for expnormal, with T = 1e-5)")
+                            "nats per data point per epoch, with 99%% confidence (the default "
+                            "for ppca, with T = 5e-5, and for expnormal, with T = 1e-5)")
     train.add_argument("--patience", type=int, metavar="E",
-                       help="epochs over which that improvement is averaged (default 3 for "
-                            "ppca, 25 for expnormal, 10 otherwise)")
+                       help="the plateau test's two windows of E epochs each; stopping needs "
+                            "4 E epochs at the smallest rate (default 3 for ppca, 25 for "
+                            "expnormal, 10 otherwise)")
     train.add_argument("--passes", type=int, metavar="P",
                        help="passes over the data in one epoch, the unit of --epochs, of "
                             "metrics.csv's rows, checkpoints and convergence checks (default "
                             "50 for ppca, whose full-batch passes are single steps; else 1)")
+    train.add_argument("--average-iterates", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="end each epoch at the mean of its steps' parameters (Polyak "
+                            "averaging; the default for ppca)")
     train.add_argument("--max-steps", type=int, metavar="S",
                        help="the budget of steps when training to convergence")
     train.add_argument("--batch-size", type=int)

@@ -72,7 +72,8 @@ def _new_config(args: argparse.Namespace) -> dict:
                "clip_norm": args.clip_norm, "seed": args.seed, "device": args.device,
                "freeze_model": args.freeze_model, "step": _step(args),
                "tolerance": args.tolerance, "patience": args.patience,
-               "max_steps": args.max_steps, "passes": args.passes, "threads": args.threads})
+               "max_steps": args.max_steps, "passes": args.passes, "threads": args.threads,
+               "average_iterates": args.average_iterates})
 
 
 def _step(args: argparse.Namespace) -> str | None:

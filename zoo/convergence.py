@@ -1,25 +1,33 @@
 """When training stops improving, and how a run ended.
 
-Training to convergence (``TrainSettings.tolerance``) measures after each epoch how much the
-loss on the whole training set still improves per epoch (:func:`improvement`); the plateau
-schedule halves the learning rate at each plateau (:func:`lr_factor`) and training stops at the
-plateau reached at the smallest rate (:func:`converged`). :func:`convergence` summarizes how a
-run ended, and the two warnings say when it ended badly.
+Training to convergence (``TrainSettings.tolerance``) measures after each epoch the loss on
+the whole training set. The plateau schedule halves the learning rate at each plateau, where two
+short windows of epochs show no improvement (:func:`improvement`, :func:`lr_factor`); training
+stops at the smallest rate once a longer window shows, with its noise accounted for, that the
+loss improves by less than the tolerance per epoch (:func:`trend`, :func:`converged`).
+:func:`convergence` summarizes how a run ended, and the two warnings say when it ended badly.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from scipy.stats import t as student_t
+
 if TYPE_CHECKING:
     from zoo.settings import TrainSettings
 
-PLATEAU_HALVINGS = 5
+CONFIDENCE = 0.99
+"""How sure training to convergence must be that the loss improves by less than the tolerance
+per epoch before it stops (:func:`converged`)."""
+
+PLATEAU_HALVINGS = 3
 """The ``plateau`` schedule halves the learning rate at each plateau of the loss, at most this
-many times; training to convergence stops at the plateau reached at the smallest rate."""
+many times; training to convergence stops only at the smallest rate."""
 
 
 def improvement(losses: Sequence[float], patience: int) -> float | None:
@@ -60,20 +68,76 @@ def lr_factor(history: Sequence[dict[str, Any]], settings: TrainSettings) -> flo
 
 
 def converged(history: Sequence[dict[str, Any]], settings: TrainSettings) -> bool:
-    """Whether training to convergence (``settings.tolerance``) has stopped improving: a
-    plateau, for the plateau schedule at its smallest learning rate."""
-    return _plateau(history, settings) and (
-        settings.lr_schedule != "plateau"
-        or history[-1].get("lr_factor", 1.0) <= 2.0**-PLATEAU_HALVINGS)
+    """Whether training to convergence (``settings.tolerance``) has stopped improving: at the
+    plateau schedule's smallest learning rate (at any rate for the other schedules), with at
+    least 4 ``patience`` epochs at that rate, the improvement per epoch over the second half of
+    them (:func:`settling`, at least 3) is below the tolerance with confidence
+    :data:`CONFIDENCE`: the estimate r plus t s < tolerance, with s its standard error and t the
+    one-sided quantile of Student's t with n - 2 degrees of freedom for n epochs."""
+    if settings.tolerance is None or not history:
+        return False
+    factor = history[-1].get("lr_factor", 1.0)
+    if settings.lr_schedule == "plateau" and factor > 2.0**-PLATEAU_HALVINGS:
+        return False
+    measured = settling(history)
+    at_rate = sum(row.get("lr_factor", 1.0) == factor for row in history)
+    if measured is None or at_rate < 4 * settings.patience:
+        return False
+    rate, standard_error, epochs = measured
+    bound = rate + float(student_t.ppf(CONFIDENCE, epochs - 2)) * standard_error
+    return bound < settings.tolerance
+
+
+def settling(history: Sequence[dict[str, Any]]) -> tuple[float, float, int] | None:
+    """The improvement per epoch of the whole-data loss (``fit_loss``) over the second half of
+    the epochs at the last learning rate, its standard error (:func:`trend`) and the number of
+    epochs in that half; None before 6 epochs at that rate. The second half leaves out the
+    fast change that follows a new rate."""
+    if not history or "fit_loss" not in history[-1]:
+        return None
+    factor = history[-1].get("lr_factor", 1.0)
+    losses = [row["fit_loss"] for row in history if row.get("lr_factor", 1.0) == factor]
+    if len(losses) < 6:
+        return None
+    half = losses[len(losses) // 2:]
+    return (*trend(half), len(half))
+
+
+def trend(losses: Sequence[float]) -> tuple[float, float]:
+    """The least-squares improvement per epoch of ``losses`` (one per epoch, at least 3), and
+    its standard error.
+
+    With l_e the loss at epoch e = 1..n, the line l_e = a - r e fitted by least squares gives
+    the improvement r = -sum_e (e - e_bar)(l_e - l_bar) / S with S = sum_e (e - e_bar)^2, and
+    its standard error sqrt(s^2 / S), s^2 the residuals' sum of squares over n - 2.
+
+    A plateau test that compares two short windows (:func:`improvement`) is enough to lower
+    the learning rate, but not to stop: where the posterior is much narrower than the prior,
+    the loss moves from epoch to epoch by far more than the tolerance (the parameters jitter
+    under Adam's steps) while a slow direction still improves it by more than the tolerance
+    per epoch. Training stops only once the improvement is below the tolerance with its
+    noise accounted for, which takes more epochs the noisier the loss.
+    """
+    n = len(losses)
+    mean_epoch, mean_loss = (n - 1) / 2, sum(losses) / n
+    spread = sum((e - mean_epoch) ** 2 for e in range(n))
+    slope = sum((e - mean_epoch) * (loss - mean_loss) for e, loss in enumerate(losses)) / spread
+    residuals = sum((loss - mean_loss - slope * (e - mean_epoch)) ** 2
+                    for e, loss in enumerate(losses))
+    return -slope, math.sqrt(residuals / (n - 2) / spread)
 
 
 def convergence(history: Sequence[dict[str, Any]], settings: TrainSettings) -> dict[str, Any]:
-    """How a run ended: ``converged`` (None for a fixed budget), ``steps`` done, the last
-    ``improvement`` per epoch (nats per data point, None before 2 ``patience`` epochs) and the
-    ``tolerance``; config.json, ``zoo evaluate --json`` and the report show it."""
+    """How a run ended: ``converged`` (None for a fixed budget), ``steps`` done, the
+    ``improvement`` per epoch (nats per data point) and its ``standard_error`` that the last
+    convergence check measured (:func:`settling`; None before it could, and for a fixed
+    budget) and the ``tolerance``; config.json, ``zoo evaluate --json`` and the report show
+    it."""
+    measured = settling(history) if settings.tolerance is not None else None
+    rate, standard_error, _ = measured or (None, None, None)
     return {"converged": None if settings.tolerance is None else converged(history, settings),
             "steps": history[-1]["step"] if history else 0,
-            "improvement": history[-1].get("improvement") if history else None,
+            "improvement": rate, "standard_error": standard_error,
             "tolerance": settings.tolerance}
 
 
@@ -82,7 +146,9 @@ def describe_convergence(summary: dict[str, Any]) -> str:
     steps, rate, tolerance = summary["steps"], summary["improvement"], summary["tolerance"]
     if summary["converged"] is None:
         return f"training: a fixed budget of {steps} steps"
-    still = "" if rate is None else f", improving by {rate:.2g} nats per point per epoch"
+    error = summary.get("standard_error")
+    still = ("" if rate is None else f", improving by {rate:.2g}"
+             + ("" if error is None else f" +- {error:.2g}") + " nats per point per epoch")
     if summary["converged"]:
         return f"training: converged after {steps} steps{still} (tolerance {tolerance:g})"
     return f"training: NOT converged within its budget of {steps} steps{still} " \
@@ -109,7 +175,7 @@ def warn_if_not_converged(history: Sequence[dict[str, Any]], settings: TrainSett
     flag that gives it more room."""
     if settings.tolerance is None or converged(history, settings):
         return
-    rate = history[-1]["improvement"]
+    rate = (settling(history) or (None,))[0]
     still = ("" if rate is None else
              f" (the loss still improves by {rate:.2g} nats per point per epoch)")
     warnings.warn(f"training used its budget of {total_steps} steps without converging to "

@@ -79,7 +79,9 @@ TO_CONVERGENCE: dict[str, Any] = dict(
     threads=1)
 """Training to convergence, the default of the small models whose data fit in memory: Adam at
 0.01 per step (in units of the data's scale where the model declares one), halved at each
-plateau of the whole-data loss (an improvement below 1e-5 nats per point per epoch, averaged
-over 25 epochs), stopping at the plateau at lr / 32 or after 20000 steps. One CPU thread: their
-steps are too small for torch's threads to pay for themselves, and on a busy machine extra
-threads only wait for cores (``benchmarks/threads.py``)."""
+plateau of the whole-data loss (no improvement above 1e-5 nats per point per epoch between two
+windows of 25 epochs), down to lr / 8, where training stops once the loss's trend over the
+second half of at least 100 epochs is below 1e-5 with 99% confidence, or after 20000 steps
+(:func:`zoo.convergence.converged`). One CPU thread: their steps are too small for torch's
+threads to pay for themselves, and on a busy machine extra threads only wait for cores
+(``benchmarks/threads.py``)."""

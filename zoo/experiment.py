@@ -43,7 +43,8 @@ def make_config(model: str, *, guide: str | None = None, options: dict[str, Any]
     that many epochs (of one pass each) even where the model's default is a number of steps.
     Giving ``epochs`` or
     ``steps`` (without ``tolerance``) asks for that fixed budget, so it also turns off a default
-    of training to convergence, and a default ``plateau`` schedule becomes ``cosine``;
+    of training to convergence and its averaging of iterates, and a default ``plateau``
+    schedule becomes ``cosine``;
     ``max_steps`` is the budget of training to convergence. A data file and a
     data folder are made absolute, so the run folder can be used from anywhere.
     """
@@ -63,6 +64,7 @@ def make_config(model: str, *, guide: str | None = None, options: dict[str, Any]
         defaults.pop("passes", None)
     if ("epochs" in train or "steps" in train) and "tolerance" not in train:
         defaults.pop("tolerance", None)
+        defaults.pop("average_iterates", None)
         if defaults.get("lr_schedule") == "plateau":
             defaults["lr_schedule"] = "cosine"
     if "max_steps" in train:

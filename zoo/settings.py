@@ -19,8 +19,9 @@ class TrainSettings:
     ``lr_schedule`` is ``constant``, ``cosine``: lr_t = lr (1 + cos(pi t / T)) / 2 at step t of
     T, which lets stochastic gradients settle at the optimum instead of jittering around it, or
     ``plateau`` (needs ``tolerance``): lr halved each time the loss stops improving by
-    ``tolerance`` per epoch, down to lr / 2^5 (:data:`zoo.convergence.PLATEAU_HALVINGS`), the
-    same settling without a fixed number of steps.
+    ``tolerance`` per epoch over ``patience`` epochs, down to lr / 2^3
+    (:data:`zoo.convergence.PLATEAU_HALVINGS`), the same settling without a fixed number of
+    steps.
     ``clip_norm`` clips the global gradient norm; ``device`` is ``cpu``, ``cuda`` or ``auto``.
     ``freeze_model`` trains the guide alone, with the model's parameters held where they are.
     ``step`` is ``auto`` (compiled for runs long enough to repay the compilation), ``compiled``
@@ -32,11 +33,14 @@ class TrainSettings:
     too short to check and save after each.
 
     ``tolerance``, when given, trains to convergence: training stops before the budget of
-    ``steps`` (or ``epochs``) once the loss on the whole training set, smoothed over
-    ``patience`` epochs, improves by less than ``tolerance`` nats per data point per epoch
-    (:func:`zoo.convergence.improvement`; with the plateau schedule, at its smallest learning
-    rate); without it the budget is a fixed number of steps. ``threads`` is the number of CPU
-    threads torch uses during training (None: torch's default).
+    ``steps`` (or ``epochs``) once the loss on the whole training set improves by less than
+    ``tolerance`` nats per data point per epoch with 99% confidence, measured over the second
+    half of at least 4 ``patience`` epochs (:func:`zoo.convergence.converged`; with the plateau
+    schedule, at its smallest learning rate); without it the budget is a fixed number of
+    steps. ``average_iterates`` ends each epoch at the mean of its iterates (Polyak
+    averaging), which removes most of the jitter of Adam's steps from the parameters and from
+    the loss the convergence checks measure. ``threads`` is the number of CPU threads torch
+    uses during training (None: torch's default).
     """
 
     epochs: int = 10
@@ -54,6 +58,7 @@ class TrainSettings:
     patience: int = 10
     passes: int = 1
     threads: int | None = None
+    average_iterates: bool = False
     quiet: bool = False
 
     def __post_init__(self) -> None:
