@@ -36,7 +36,6 @@ from matplotlib.figure import Figure
 from zoo import plots
 from zoo.evaluate import evaluate
 from zoo.experiment import Experiment, build_experiment, make_config
-from zoo.registry import get_model
 from zoo.train import fit, seed_everything
 
 GUIDES = ("meanfield", "full")
@@ -50,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", metavar="FILE",
                         help="your own table (.csv with a header, or .npy) instead of --dataset")
     parser.add_argument("--latent-dim", type=int, default=2, metavar="M")
-    parser.add_argument("--steps", type=int, default=get_model("ppca").train["steps"],
-                        help="optimizer steps per guide (default: %(default)s)")
+    parser.add_argument("--steps", type=int,
+                        help="a fixed budget of optimizer steps per guide (default: train to "
+                             "convergence, as zoo train ppca does)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/ppca-closed-form-vs-svi", metavar="DIR",
                         help="folder for the figures (default: %(default)s)")
