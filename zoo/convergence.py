@@ -10,12 +10,12 @@ loss improves by less than the tolerance per epoch (:func:`trend`, :func:`conver
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from scipy.stats import linregress
 from scipy.stats import t as student_t
 
 if TYPE_CHECKING:
@@ -109,7 +109,8 @@ def trend(losses: Sequence[float]) -> tuple[float, float]:
 
     With l_e the loss at epoch e = 1..n, the line l_e = a - r e fitted by least squares gives
     the improvement r = -sum_e (e - e_bar)(l_e - l_bar) / S with S = sum_e (e - e_bar)^2, and
-    its standard error sqrt(s^2 / S), s^2 the residuals' sum of squares over n - 2.
+    its standard error sqrt(s^2 / S), s^2 the residuals' sum of squares over n - 2
+    (``scipy.stats.linregress``).
 
     A plateau test that compares two short windows (:func:`improvement`) is enough to lower
     the learning rate, but not to stop: where the posterior is much narrower than the prior,
@@ -118,13 +119,8 @@ def trend(losses: Sequence[float]) -> tuple[float, float]:
     per epoch. Training stops only once the improvement is below the tolerance with its
     noise accounted for, which takes more epochs the noisier the loss.
     """
-    n = len(losses)
-    mean_epoch, mean_loss = (n - 1) / 2, sum(losses) / n
-    spread = sum((e - mean_epoch) ** 2 for e in range(n))
-    slope = sum((e - mean_epoch) * (loss - mean_loss) for e, loss in enumerate(losses)) / spread
-    residuals = sum((loss - mean_loss - slope * (e - mean_epoch)) ** 2
-                    for e, loss in enumerate(losses))
-    return -slope, math.sqrt(residuals / (n - 2) / spread)
+    line = linregress(range(len(losses)), losses)
+    return -float(line.slope), float(line.stderr)
 
 
 def convergence(history: Sequence[dict[str, Any]], settings: TrainSettings) -> dict[str, Any]:
