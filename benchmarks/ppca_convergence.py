@@ -12,9 +12,11 @@ whether the run converged, and its wall time (one thread, with the machine's loa
     python benchmarks/ppca_convergence.py [--tables issue-12 ...] [--guides meanfield full]
                                           [--losses elbo iwae] [--out benchmarks/results]
                                           [--random SEED ...] [--name ppca_convergence]
+                                          [--resume]
 
-writes ``NAME.json`` and ``NAME.md`` to the output folder. The README's three PPCA tables come
-from
+writes ``NAME.json`` and ``NAME.md`` to the output folder after every row. ``--resume`` keeps
+the rows an interrupted run of the same command already wrote there and runs only the rest;
+each row records when it finished. The README's three PPCA tables come from
 
     python benchmarks/ppca_convergence.py
     python benchmarks/ppca_convergence.py --tables small-30 large-64 \
@@ -112,7 +114,8 @@ def run_row(table: str, data: dict[str, Any], latent_dim: int, guide: str, loss:
     return {"table": table, "guide": guide, "loss": loss,
             "gap": metrics["mle_log_likelihood"] - metrics["exact_log_likelihood"],
             "kl": metrics["posterior_kl"], "steps": summary["steps"],
-            "converged": summary["converged"], "seconds": seconds}
+            "converged": summary["converged"], "seconds": seconds,
+            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="benchmarks/results", metavar="DIR")
     parser.add_argument("--name", default="ppca_convergence",
                         help="the output files' name, without suffix")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows that an interrupted run of the same command wrote "
+                             "to NAME.json, and run only the others")
     return parser
+
+
+def finished_rows(path: Path, specs: dict[str, Any]) -> tuple[dict[str, Any], list[dict]]:
+    """The earlier run's results in ``path`` and those of its rows that belong to this one:
+    rows of the same tables, drawn from the same specs. A file written from other specs (other
+    tables under the same name) is an error, not something to mix in."""
+    if not path.exists():
+        raise SystemExit(f"--resume: {path} does not exist; run without --resume to start")
+    earlier = json.loads(path.read_text())
+    changed = [table for table in specs
+               if table in earlier["tables"] and earlier["tables"][table] != specs[table]]
+    if changed:
+        raise SystemExit(f"--resume: {path} was written for other settings of {changed}; "
+                         "choose another --name or run without --resume")
+    return earlier, earlier["rows"]
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -135,9 +156,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     specs = {**{table: TABLES[table] for table in args.tables if table in TABLES},
              **{f"random-{seed}": random_spec(seed) for seed in args.random}}
     tables = [*args.tables, *(f"random-{seed}" for seed in args.random)]
-    result = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "load_before": os.getloadavg(), "cpus": os.cpu_count(), "tables": specs,
-              "rows": []}
+    wanted = [(table, guide, loss)
+              for table in tables for guide in args.guides for loss in args.losses]
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    result = {"started": started, "load_before": os.getloadavg(), "cpus": os.cpu_count(),
+              "tables": specs, "rows": [], "sessions": [started]}
+    if args.resume:
+        earlier, rows = finished_rows(Path(args.out) / f"{args.name}.json", specs)
+        result.update(started=earlier["started"], load_before=earlier["load_before"],
+                      sessions=[*earlier.get("sessions", [earlier["started"]]), started])
+        result["rows"] = [row for row in rows
+                          if (row["table"], row["guide"], row["loss"]) in wanted]
+    done = {(row["table"], row["guide"], row["loss"]) for row in result["rows"]}
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
         for table in tables:
@@ -148,12 +178,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 data = {"file": str(path)}
             for guide in args.guides:
                 for loss in args.losses:
+                    if (table, guide, loss) in done:
+                        continue
                     row = run_row(table, data, latent_dim, guide, loss, folder)
                     result["rows"].append(row)
                     print(json.dumps(row), flush=True)
-                    complete = len(result["rows"]) == len(tables) * len(args.guides) * len(
-                        args.losses)
-                    write_results(result, complete, Path(args.out), args.name)
+                    write_results(result, len(result["rows"]) == len(wanted), Path(args.out),
+                                  args.name)
+    result["rows"].sort(key=lambda row: wanted.index((row["table"], row["guide"], row["loss"])))
+    write_results(result, len(result["rows"]) == len(wanted), Path(args.out), args.name)
     return result
 
 
@@ -165,14 +198,17 @@ def write_results(result: dict[str, Any], complete: bool, out: Path, name: str) 
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     load = (f"load average {result['load_before'][0]:.1f} before, "
             f"{result['load_after'][0]:.1f} after")
+    sessions = result.get("sessions", [result["started"]])
     lines = [f"PPCA defaults on untuned tables ({result['started']} to {result['date']}; one "
              f"thread; {load}, {result['cpus']} CPUs)"
+             + ("" if len(sessions) < 2 else
+                f"; resumed, in {len(sessions)} sessions starting {', '.join(sessions)}")
              + ("" if complete else "; interrupted: only the rows below finished"), "",
-             "| table | guide | objective | gap (nats/point) | KL | steps | converged | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| table | guide | objective | gap (nats/point) | KL | steps | converged | seconds "
+             "| finished |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {row['table']} | {row['guide']} | {row['loss']} | {row['gap']:.4f} | "
-              f"{row['kl']:.4f} | {row['steps']} | {row['converged']} | {row['seconds']:.0f} |"
-              for row in result["rows"]]
+              f"{row['kl']:.4f} | {row['steps']} | {row['converged']} | {row['seconds']:.0f} | "
+              f"{row.get('finished', '')} |" for row in result["rows"]]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
