@@ -135,10 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def finished_rows(path: Path, specs: dict[str, Any]) -> tuple[dict[str, Any], list[dict]]:
-    """The earlier run's results in ``path`` and those of its rows that belong to this one:
-    rows of the same tables, drawn from the same specs. A file written from other specs (other
-    tables under the same name) is an error, not something to mix in."""
+def earlier_results(path: Path, specs: dict[str, Any]) -> dict[str, Any]:
+    """The results an earlier run of the same command wrote to ``path``. A file written from
+    other specs of the same tables is an error, not something to mix in."""
     if not path.exists():
         raise SystemExit(f"--resume: {path} does not exist; run without --resume to start")
     earlier = json.loads(path.read_text())
@@ -147,7 +146,7 @@ def finished_rows(path: Path, specs: dict[str, Any]) -> tuple[dict[str, Any], li
     if changed:
         raise SystemExit(f"--resume: {path} was written for other settings of {changed}; "
                          "choose another --name or run without --resume")
-    return earlier, earlier["rows"]
+    return earlier
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -162,10 +161,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     result = {"started": started, "load_before": os.getloadavg(), "cpus": os.cpu_count(),
               "tables": specs, "rows": [], "sessions": [started]}
     if args.resume:
-        earlier, rows = finished_rows(Path(args.out) / f"{args.name}.json", specs)
+        earlier = earlier_results(Path(args.out) / f"{args.name}.json", specs)
         result.update(started=earlier["started"], load_before=earlier["load_before"],
                       sessions=[*earlier.get("sessions", [earlier["started"]]), started])
-        result["rows"] = [row for row in rows
+        result["rows"] = [row for row in earlier["rows"]
                           if (row["table"], row["guide"], row["loss"]) in wanted]
     done = {(row["table"], row["guide"], row["loss"]) for row in result["rows"]}
     with tempfile.TemporaryDirectory() as temporary:
