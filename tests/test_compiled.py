@@ -443,3 +443,16 @@ def test_cuda_graph_training_follows_eager_training_and_resumes(tmp_path):
             for value, eager_value in zip(module.state_dict().values(),
                                           other.state_dict().values(), strict=True):
                 _assert_close(value, eager_value, 1e-3)
+
+
+def test_gradients_are_compared_at_the_scale_of_the_largest():
+    """A gradient near zero (a parameter at its optimum: a small difference of large terms) may
+    differ by rounding that is large against itself but not against the largest gradient; a
+    difference at the scale of the largest gradient is a branch."""
+    parameters = [torch.zeros(3), torch.zeros(())]
+    loss, eager = torch.tensor(5.0), [torch.tensor([1e3, -2e3, 5e2]), torch.tensor(1e-6)]
+    compiled._compare(loss, [eager[0], torch.tensor(-1e-5)], loss, eager, parameters)
+    with pytest.raises(compiled._Fallback, match=r"the gradient of \(\) .* differs"):
+        compiled._compare(loss, [eager[0], torch.tensor(10.0)], loss, eager, parameters)
+    with pytest.raises(compiled._Fallback, match="the loss .* differs"):
+        compiled._compare(torch.tensor(5.1), eager, loss, eager, parameters)
