@@ -141,6 +141,8 @@ def earlier_results(path: Path, specs: dict[str, Any]) -> dict[str, Any]:
     if not path.exists():
         raise SystemExit(f"--resume: {path} does not exist; run without --resume to start")
     earlier = json.loads(path.read_text())
+    # a file written before runs recorded their start: its one session is named by its date
+    earlier.setdefault("started", earlier["date"])
     changed = [table for table in specs
                if table in earlier["tables"] and earlier["tables"][table] != specs[table]]
     if changed:

@@ -11,6 +11,10 @@ belong to the guide (the encoder); the model's are the decoder's.
 
 - :class:`MeanFieldGuide` (``meanfield``): Sigma = diag(s^2).
 - :class:`FullGuide` (``full``): Sigma = L L^T, L lower triangular; contains the exact posterior.
+  Trained with the model, it shares the model's column lengths g (``tie_lengths``): its mean and
+  its scale's rows are divided by exp(g_m), so that lengthening column m of W by e^g_m and
+  shortening z_m by e^-g_m, which leaves W z unchanged, is one coordinate instead of a valley
+  (see "Lengths" in :mod:`zoo.models.ppca`).
 
 The encoder sees the data whitened, ``L_x^-1 (x - shift)`` with the column means ``shift`` and
 the lower Cholesky factor ``L_x`` of the training data's covariance (``initialize_from_data``):
@@ -131,15 +135,35 @@ class MeanFieldGuide(_AffineGaussianGuide):
 
 class FullGuide(_AffineGaussianGuide):
     """q(z_n | x_n) = N(A x_n + c, L L^T): a linear encoder and a lower-triangular ``L: [M, M]``
-    with positive diagonal, shared by all x. This family contains the exact posterior."""
+    with positive diagonal, shared by all x. This family contains the exact posterior.
+
+    Stored as A = diag(exp(-g)) A', c = diag(exp(-g)) c', L = diag(exp(-g)) L', with the
+    encoder holding A', c', ``scale_tril`` holding L', and g = ``log_length`` zero and fixed
+    until :meth:`tie_lengths` shares the model's g."""
 
     def __init__(self, data_dim: int, latent_dim: int):
         super().__init__(data_dim, latent_dim)
         self.scale_tril = PyroParam(torch.eye(latent_dim), constraint=constraints.lower_cholesky)
+        self.register_buffer("log_length", torch.zeros(latent_dim), persistent=False)
+
+    def tie_lengths(self, model: nn.Module) -> None:
+        """Share the model's column lengths g (:meth:`zoo.models.ppca.PPCA.free_lengths`), keeping
+        q as it is: the model's g was 0 (as ours) or this guide's stored A', c', L' are rescaled
+        by exp(g) to match."""
+        log_length = model.free_lengths()
+        with torch.no_grad():
+            length = (log_length - self.log_length).exp()
+            self.encoder.weight.mul_(length[:, None])
+            self.encoder.bias.mul_(length)
+            self.scale_tril = self.scale_tril * length[:, None]
+        del self.log_length
+        self.log_length = log_length
 
     def distribution(self, x: Tensor) -> dist.MultivariateNormal:
         """q(z | x) as ``MultivariateNormal(A x + c, scale_tril=L)``: batch [N], event [M]."""
-        return dist.MultivariateNormal(self.loc(x), scale_tril=self.scale_tril)
+        shrink = (-self.log_length).exp()
+        return dist.MultivariateNormal(self.loc(x) * shrink,
+                                       scale_tril=self.scale_tril * shrink[:, None])
 
     @classmethod
     def best_for(cls, model: nn.Module) -> FullGuide:

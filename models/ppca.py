@@ -51,6 +51,17 @@ Rotations also change the posterior without changing the model's marginal: with 
 M' = R^T M R and the posterior covariance sigma^2 M'^-1 = R^T (sigma^2 M^-1) R. At R = I the
 maximum-likelihood M = diag(Lambda_M - sigma^2) + sigma^2 I is diagonal and so is the posterior
 covariance (a mean-field guide is exact); a random rotation makes it correlated.
+
+Lengths. Scaling column m of W by a factor e^g_m and z_m by e^-g_m leaves W z unchanged, so the
+reconstruction term of the ELBO does not see it; only the prior's KL term pins each column's
+length. Trained by gradient steps on W and on the guide's z separately, a long column walks that
+valley slowly. The model therefore stores W in coordinates
+
+    W = V diag(exp(g)),        V: [D, M],  g = ``log_length``: [M],
+
+with g fixed at 0 (so W = V) unless a guide ties it to its own scale (``FullGuide.tie_lengths``
+in :mod:`zoo.guides.ppca`): then one coordinate, g_m, moves along the valley. The model's
+family and its closed forms do not change: everything above reads ``W``.
 """
 
 from __future__ import annotations
@@ -83,11 +94,15 @@ class PPCA(PyroModule):
     ``sigma`` is a constrained parameter: the state dict holds ``sigma_unconstrained`` (its log);
     reading ``model.sigma`` gives the positive value, and ``model.sigma = tensor`` sets it.
 
-    ``W`` and ``b`` are in the units of the data: ``record_scale`` (called by the
+    ``W`` is stored as ``V diag(exp(log_length))`` (module docstring, "Lengths"): the state dict
+    holds ``V`` and, once a guide ties the lengths (:meth:`free_lengths`), ``log_length``;
+    reading ``model.W`` gives W, and ``parameter_values()`` gives W, b and sigma.
+
+    ``V`` and ``b`` are in the units of the data: ``record_scale`` (called by the
     initializations) records the data's scale s (the root mean column variance) and
     ``step_scales`` asks the training engine to step them in units of s
     (:class:`zoo.optimize.StepScaled`), so one learning rate fits tables of any scale.
-    ``log sigma`` needs no scale.
+    ``log sigma`` and ``log_length`` need no scale.
     """
 
     offers = frozenset({EXACT_MARGINAL, EXACT_POSTERIOR, MAXIMUM_LIKELIHOOD})
@@ -97,10 +112,29 @@ class PPCA(PyroModule):
         check_dims(data_dim, latent_dim)
         self.data_dim = data_dim
         self.latent_dim = latent_dim
-        self.W = nn.Parameter(0.1 * torch.randn(data_dim, latent_dim))
+        self.V = nn.Parameter(0.1 * torch.randn(data_dim, latent_dim))
+        self.register_buffer("log_length", torch.zeros(latent_dim), persistent=False)
         self.b = nn.Parameter(torch.zeros(data_dim))
         self.sigma = PyroParam(torch.tensor(1.0), constraint=constraints.positive)
         self.data_scale = 1.0
+
+    @property
+    def W(self) -> Tensor:
+        """The loadings W = V diag(exp(g)), ``[D, M]``."""
+        return self.V * self.log_length.exp()
+
+    def free_lengths(self) -> nn.Parameter:
+        """Make g = ``log_length`` a trained parameter (saved in the state dict) at W's current
+        value, and return it, for a guide to share (see "Lengths" in the module docstring)."""
+        if not isinstance(self.log_length, nn.Parameter):
+            log_length = self.log_length
+            del self.log_length
+            self.log_length = nn.Parameter(log_length)
+        return self.log_length
+
+    def parameter_values(self) -> dict[str, Tensor]:
+        """The model's parameters as the module docstring names them: ``W``, ``b``, ``sigma``."""
+        return {"W": self.W, "b": self.b, "sigma": self.sigma}
 
     def forward(self, x: Tensor) -> None:
         """p(x, z) = prod_n N(z_n | 0, I_M) N(x_n | W z_n + b, sigma^2 I_D), ``x: [N, D]``."""
@@ -134,7 +168,7 @@ class PPCA(PyroModule):
 
     def step_scales(self) -> dict[str, float]:
         """Parameter name -> the data's scale s, for the parameters in data units."""
-        return {"W": self.data_scale, "b": self.data_scale}
+        return {"V": self.data_scale, "b": self.data_scale}
 
     def extra_repr(self) -> str:
         return f"data_dim={self.data_dim}, latent_dim={self.latent_dim}"
@@ -148,9 +182,10 @@ class PPCA(PyroModule):
     @torch.no_grad()
     def set_parameters(self, W: Tensor | None = None, b: Tensor | None = None,
                        sigma: Tensor | float | None = None) -> None:
-        """Overwrite any of W, b, sigma in place, keeping the model's dtype and device."""
+        """Overwrite any of W, b, sigma in place, keeping the model's dtype, device and
+        lengths g (V = W diag(exp(-g)))."""
         if W is not None:
-            self.W.copy_(W)
+            self.V.copy_(W * (-self.log_length).exp())
         if b is not None:
             self.b.copy_(b)
         if sigma is not None:

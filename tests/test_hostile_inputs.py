@@ -156,13 +156,13 @@ def _state_change(change):
     (lambda path: torch.save({"model": _Touches(path.parent / "PWNED")}, path),
      "refuses to load"),
     (_state_change(lambda state: state.pop("rng")), "'rng' is missing"),
-    (_state_change(lambda state: state["model"].pop("W")), "model.W is missing"),
-    (_state_change(lambda state: state["model"].update(W=torch.zeros(4, 3))),
-     "W has shape (4, 3), the model wants (4, 1)"),
+    (_state_change(lambda state: state["model"].pop("V")), "model.V is missing"),
+    (_state_change(lambda state: state["model"].update(V=torch.zeros(4, 3))),
+     "V has shape (4, 3), the model wants (4, 1)"),
     (_state_change(lambda state: state["guide"].update(extra=torch.zeros(1))),
      "guide.extra is unknown"),
-    (_state_change(lambda state: state["model"].update(W=state["model"]["W"] * float("nan"))),
-     "non-finite values in model.W"),
+    (_state_change(lambda state: state["model"].update(V=state["model"]["V"] * float("nan"))),
+     "non-finite values in model.V"),
 ])
 @pytest.mark.parametrize("command", [["evaluate", "--json"], ["train", "--resume"]])
 def test_bad_checkpoints_are_one_line(capsys, run, damage, message, command):

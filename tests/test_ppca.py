@@ -116,7 +116,7 @@ def test_model_methods_use_the_model_parameters():
     model = random_model(5, 2)
     x = torch.randn(8, 5, dtype=f64)
     W, b, sigma = model.W, model.b, model.sigma
-    assert set(model.state_dict()) == {"W", "b", "sigma_unconstrained"}
+    assert set(model.state_dict()) == {"V", "b", "sigma_unconstrained"}
     torch.testing.assert_close(model.sigma, torch.tensor(0.7, dtype=f64))
     torch.testing.assert_close(model.marginal_log_prob(x), marginal_log_prob(x, W, b, sigma))
     torch.testing.assert_close(model.posterior(x).mean, posterior(x, W, b, sigma).mean)

@@ -32,8 +32,9 @@ class ModelEntry:
     ``plot(experiment, path) -> path`` drawing that figure for a trained run; ``figures`` names
     the kinds drawn after every training run, beside the loss curves; ``images`` says that
     those figures show images, so that they are left out for data without an image shape.
-    ``start_guide[name](model, guide)``, for the guides it names, starts the guide from the
-    model as built (before any checkpoint is loaded over both).
+    ``start_guide[name](model, guide, **options)``, for the guides it names, starts the guide
+    (and may adjust the model's start) from the model as built, before any checkpoint is loaded
+    over both.
     """
 
     name: str
@@ -51,7 +52,7 @@ class ModelEntry:
     plots: dict[str, Callable[..., Any]] = field(default_factory=dict)
     figures: tuple[str, ...] = ()
     images: bool = False
-    start_guide: dict[str, Callable[[torch.nn.Module, torch.nn.Module], None]] = field(
+    start_guide: dict[str, Callable[..., None]] = field(
         default_factory=dict)
 
     @property

@@ -49,5 +49,5 @@ def build(entry: ModelEntry, guide: str | None, data: Data, options: dict[str, A
                                  **options)
     check(model, guide_module, entry.inputs(data, "train"))
     if guide in entry.start_guide:
-        entry.start_guide[guide](model, guide_module)
+        entry.start_guide[guide](model, guide_module, **options)
     return model, guide_module

@@ -98,8 +98,12 @@ def resolve_device(name: str) -> torch.device:
 
 def trainable_parameters(model: torch.nn.Module, guide: torch.nn.Module, freeze_model: bool
                          ) -> list[torch.nn.Parameter]:
-    """The parameters training moves: the guide's, and the model's unless ``freeze_model``."""
-    parameters = [*guide.parameters()] + ([] if freeze_model else [*model.parameters()])
+    """The parameters training moves: the guide's, and the model's unless ``freeze_model``,
+    each once. One the guide shares with the model belongs to the model: ``freeze_model`` holds
+    it fixed."""
+    shared = {id(parameter) for parameter in model.parameters()}
+    own = [parameter for parameter in guide.parameters() if id(parameter) not in shared]
+    parameters = own + ([] if freeze_model else [*model.parameters()])
     if not parameters:
         raise ZooError("--freeze-model holds the model fixed, and this guide has no parameters "
                        "of its own: there is nothing to train. Drop --freeze-model or choose a "

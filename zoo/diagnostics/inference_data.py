@@ -25,15 +25,18 @@ all (PPCA's W, b, sigma; not a VAE's decoder weights)."""
 
 def _global_parameters(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's parameters in their constrained form (``sigma``, not ``sigma_unconstrained``),
-    when they number at most ``MAX_GLOBALS`` in all."""
+    when they number at most ``MAX_GLOBALS`` in all; a model that trains its parameters in other
+    coordinates gives their values by ``parameter_values()`` (PPCA's W, b, sigma)."""
     named = dict(model.named_parameters())
     if sum(parameter.numel() for parameter in named.values()) > MAX_GLOBALS:
         return {}
-    values = {}
-    for name in named:
-        name = name.removesuffix("_unconstrained")
-        values[name] = operator.attrgetter(name)(model).detach().cpu().numpy()
-    return values
+    if hasattr(model, "parameter_values"):
+        values = model.parameter_values()
+    else:
+        values = {name.removesuffix("_unconstrained"):
+                  operator.attrgetter(name.removesuffix("_unconstrained"))(model)
+                  for name in named}
+    return {name: value.detach().cpu().numpy() for name, value in values.items()}
 
 
 def _chains(tensor: Tensor, num_chains: int) -> np.ndarray:

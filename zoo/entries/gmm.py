@@ -38,7 +38,7 @@ def build_amortized_guide(data: Data, *, components: int = 3, **model_options
 
 
 @torch.no_grad()
-def start_amortized(model: GMM, guide: guides.AmortizedGuide) -> None:
+def start_amortized(model: GMM, guide: guides.AmortizedGuide, **options) -> None:
     """Start q(z | x) at the model's exact responsibilities as the model starts (EM's first
     E-step; :meth:`~zoo.guides.gmm.AmortizedGuide.best_for`), the baseline at zero (see
     :mod:`zoo.guides.gmm` for why)."""
