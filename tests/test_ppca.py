@@ -301,3 +301,87 @@ def test_bad_data():
         maximum_likelihood(torch.randn(3, 5), 2)           # 3 centred rows span 2 dimensions
     with pytest.raises(ZooError, match=r"shape \[N, D = 5\]"):
         PPCA(5, 2).marginal_log_prob(torch.randn(4, 6))
+
+
+# --- lengths: W = V diag(exp(g)), g shared by the model and the full guide ------------------------
+
+def test_W_is_V_with_its_columns_scaled_by_the_lengths():
+    model = PPCA(6, 3)
+    assert set(model.state_dict()) == {"V", "b", "sigma_unconstrained"}
+    torch.testing.assert_close(model.W, model.V)
+    g = model.free_lengths()
+    with torch.no_grad():
+        g.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    torch.testing.assert_close(model.W, model.V * g.exp())
+    assert set(model.state_dict()) == {"V", "log_length", "b", "sigma_unconstrained"}
+    W = torch.randn(6, 3)
+    model.set_parameters(W=W)
+    torch.testing.assert_close(model.W, W)
+    assert set(model.parameter_values()) == {"W", "b", "sigma"}
+
+
+def test_tying_keeps_q_and_shares_one_parameter():
+    from zoo.train import trainable_parameters
+
+    torch.manual_seed(0)
+    model, guide, x = PPCA(6, 3), FullGuide(6, 3), torch.randn(20, 6)
+    with torch.no_grad():
+        model.free_lengths().copy_(torch.tensor([0.5, -1.0, 2.0]))
+        guide.encoder.weight.normal_()
+    before = guide.distribution(x)
+    guide.tie_lengths(model)
+    after = guide.distribution(x)
+    torch.testing.assert_close(after.loc, before.loc)
+    torch.testing.assert_close(after.scale_tril, before.scale_tril)
+    assert guide.log_length is model.log_length
+    trained = trainable_parameters(model, guide, freeze_model=False)
+    assert len({id(p) for p in trained}) == len(trained)
+    assert any(p is model.log_length for p in trained)
+    assert not any(p is model.log_length
+                   for p in trainable_parameters(model, guide, freeze_model=True))
+
+
+def test_the_shared_length_moves_along_the_valley_of_equal_reconstructions():
+    """Moving g changes W's columns by exp(g) and q's z by exp(-g): W z under q, and so the
+    expected reconstruction, is unchanged, while q(z) itself (and so the prior's KL) moves."""
+    torch.manual_seed(1)
+    model, guide, x = PPCA(6, 3), FullGuide(6, 3), torch.randn(20, 6)
+    guide.tie_lengths(model)
+    with torch.no_grad():
+        guide.encoder.weight.normal_()
+    W, q = model.W.detach().clone(), guide.distribution(x)
+    with torch.no_grad():
+        model.log_length.add_(torch.tensor([0.3, -0.2, 0.7]))
+    moved = guide.distribution(x)
+    torch.testing.assert_close(moved.loc @ model.W.T, q.loc @ W.T)
+    torch.testing.assert_close(model.W @ moved.scale_tril, W @ q.scale_tril)
+    assert not torch.allclose(moved.loc, q.loc)
+
+
+@pytest.mark.parametrize("guide, spread", [("meanfield", 0.1), ("full", 1.0)])
+def test_runs_from_data_tie_the_full_guide_and_start_it_wider(guide, spread):
+    """The registry ties the full guide's lengths to the model's, and starts its W entries at
+    about the data's scale s; the mean-field guide's model keeps g fixed at 0 and W ~ s / 10."""
+    from zoo.experiment import build_experiment, make_config
+
+    experiment = build_experiment(make_config("ppca", guide=guide), quiet=True)
+    model = experiment.model
+    tied = guide == "full"
+    assert isinstance(model.log_length, torch.nn.Parameter) == tied
+    assert (getattr(experiment.guide, "log_length", None) is model.log_length) == tied
+    assert 0.5 * spread < model.W.std() / model.data_scale < 2 * spread
+
+
+@pytest.mark.parametrize("guide", ["meanfield", "full"])
+@pytest.mark.parametrize("init", ["closed-form", "closed-form-rotated"])
+def test_closed_form_starts_are_exact_with_either_guide(guide, init):
+    from zoo.experiment import build_experiment, make_config
+
+    config = make_config("ppca", guide=guide, options={"init": init})
+    experiment = build_experiment(config, quiet=True)
+    x = experiment.data.x_train
+    W, b, sigma = maximum_likelihood(x, experiment.model.latent_dim)
+    model = experiment.model
+    torch.testing.assert_close(model.W @ model.W.T, W @ W.T)
+    torch.testing.assert_close(model.b, b)
+    torch.testing.assert_close(model.sigma, sigma)
