@@ -16,13 +16,20 @@ whether the run converged, and its wall time (one thread, with the machine's loa
 
 writes ``NAME.json`` and ``NAME.md`` to the output folder after every row. ``--resume`` keeps
 the rows an interrupted run of the same command already wrote there and runs only the rest;
-each row records when it finished. The README's three PPCA tables come from
+each row records when it finished. The README's PPCA tables come from
 
     python benchmarks/ppca_convergence.py
-    python benchmarks/ppca_convergence.py --tables small-30 large-64 \
-        --losses iwae miwae ciwae piwae dreg --name ppca_convergence_objectives
+    python benchmarks/ppca_convergence.py --tables digits --random 101 102 103 104 105 106 \
+        --name ppca_random
+    python benchmarks/ppca_convergence.py --tables synthetic-ppca --guides G \
+        --random 107 108 109 110 --name ppca_random_more_G
+    python benchmarks/ppca_convergence.py --tables small-30 large-64 --guides G \
+        --losses iwae miwae ciwae piwae dreg --name ppca_objectives_G
     python benchmarks/ppca_convergence.py --tables synthetic-ppca --name ppca_objectives \
         --losses elbo iwae miwae ciwae piwae dreg
+
+with G each of ``meanfield`` and ``full``. Gaps and KLs are computed in float64
+(:func:`zoo.evaluate.closed_form_metrics`).
 """
 
 from __future__ import annotations

@@ -147,9 +147,9 @@ class FullGuide(_AffineGaussianGuide):
         self.register_buffer("log_length", torch.zeros(latent_dim), persistent=False)
 
     def tie_lengths(self, model: nn.Module) -> None:
-        """Share the model's column lengths g (:meth:`zoo.models.ppca.PPCA.free_lengths`), keeping
-        q as it is: the model's g was 0 (as ours) or this guide's stored A', c', L' are rescaled
-        by exp(g) to match."""
+        """Share the model's column lengths g (:meth:`zoo.models.ppca.PPCA.free_lengths`) and keep
+        q as it is: A', c' and L' are multiplied by exp(g), which leaves A, c and L unchanged
+        (the guide's own g was 0)."""
         log_length = model.free_lengths()
         with torch.no_grad():
             length = (log_length - self.log_length).exp()
