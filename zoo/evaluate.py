@@ -210,8 +210,8 @@ def closed_form_metrics(model, guide, x: torch.Tensor, train_x: torch.Tensor | N
     """
     exact_marginal = offers(model, EXACT_MARGINAL)
     optimum = offers(model, MAXIMUM_LIKELIHOOD) and train_x is not None
-    kl = offers(model, EXACT_POSTERIOR) and offers(guide, DISTRIBUTION)
-    if not (exact_marginal or optimum or kl):
+    exact_kl = offers(model, EXACT_POSTERIOR) and offers(guide, DISTRIBUTION)
+    if not (exact_marginal or optimum or exact_kl):
         return {}
     model, guide = copy.deepcopy((model, guide))     # together: shared parameters stay shared
     model, guide, x = model.double(), guide.double(), x.double()
@@ -221,9 +221,9 @@ def closed_form_metrics(model, guide, x: torch.Tensor, train_x: torch.Tensor | N
     if optimum:
         best = model.maximum_likelihood(train_x.double())
         metrics["mle_log_likelihood"] = best.marginal_log_prob(x).mean().item()
-    if kl:
-        metrics["posterior_kl"] = posterior_kl(guide.distribution(x), model.posterior(x))\
-            .mean().item()
+    if exact_kl:
+        kl_per_point = posterior_kl(guide.distribution(x), model.posterior(x))
+        metrics["posterior_kl"] = kl_per_point.mean().item()
     return metrics
 
 

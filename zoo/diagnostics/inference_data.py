@@ -33,9 +33,8 @@ def _global_parameters(model: nn.Module) -> dict[str, np.ndarray]:
     if hasattr(model, "parameter_values"):
         values = model.parameter_values()
     else:
-        values = {name.removesuffix("_unconstrained"):
-                  operator.attrgetter(name.removesuffix("_unconstrained"))(model)
-                  for name in named}
+        constrained = (name.removesuffix("_unconstrained") for name in named)
+        values = {name: operator.attrgetter(name)(model) for name in constrained}
     return {name: value.detach().cpu().numpy() for name, value in values.items()}
 
 
