@@ -7,7 +7,8 @@ pixels are the one real table. Each row trains ``zoo train ppca --data FILE --la
 with the given guide and objective and nothing else, and reports what ``zoo evaluate`` reports
 on the training rows: the gap between the closed-form maximum log-likelihood and the learned
 model's exact log-likelihood, the mean posterior KL(q || p) (nats per point), the steps taken,
-whether the run converged, and its wall time (one thread, with the machine's load average).
+whether the run converged, how many times it left a saddle point (``ModelEntry.leave_saddle``),
+and its wall time (one thread, with the machine's load average).
 
     python benchmarks/ppca_convergence.py [--tables issue-12 ...] [--guides meanfield full]
                                           [--losses elbo iwae] [--out benchmarks/results]
@@ -27,6 +28,8 @@ each row records when it finished. The README's PPCA tables come from
         --losses iwae miwae ciwae piwae dreg --name ppca_objectives_G
     python benchmarks/ppca_convergence.py --tables synthetic-ppca --name ppca_objectives \
         --losses elbo iwae miwae ciwae piwae dreg
+    python benchmarks/ppca_convergence.py --tables synthetic-ppca \
+        --random 111 112 113 114 115 116 117 118 119 120 --name ppca_random_check
 
 with G each of ``meanfield`` and ``full``. Gaps and KLs are computed in float64
 (:func:`zoo.evaluate.closed_form_metrics`).
@@ -121,7 +124,7 @@ def run_row(table: str, data: dict[str, Any], latent_dim: int, guide: str, loss:
     return {"table": table, "guide": guide, "loss": loss,
             "gap": metrics["mle_log_likelihood"] - metrics["exact_log_likelihood"],
             "kl": metrics["posterior_kl"], "steps": summary["steps"],
-            "converged": summary["converged"], "seconds": seconds,
+            "converged": summary["converged"], "escapes": summary["escapes"], "seconds": seconds,
             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
@@ -212,11 +215,12 @@ def write_results(result: dict[str, Any], complete: bool, out: Path, name: str) 
              + ("" if len(sessions) < 2 else
                 f"; resumed, in {len(sessions)} sessions starting {', '.join(sessions)}")
              + ("" if complete else "; interrupted: only the rows below finished"), "",
-             "| table | guide | objective | gap (nats/point) | KL | steps | converged | seconds "
-             "| finished |", "|---|---|---|---|---|---|---|---|---|"]
+             "| table | guide | objective | gap (nats/point) | KL | steps | converged | escapes "
+             "| seconds | finished |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {row['table']} | {row['guide']} | {row['loss']} | {row['gap']:.4f} | "
-              f"{row['kl']:.4f} | {row['steps']} | {row['converged']} | {row['seconds']:.0f} | "
-              f"{row.get('finished', '')} |" for row in result["rows"]]
+              f"{row['kl']:.4f} | {row['steps']} | {row['converged']} | "
+              f"{row.get('escapes', '')} | {row['seconds']:.0f} | {row.get('finished', '')} |"
+              for row in result["rows"]]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 

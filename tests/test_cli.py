@@ -42,7 +42,8 @@ def test_train_evaluate_and_resume(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"train", "test", "convergence"}
     assert result.pop("convergence") == {"converged": None, "steps": 30, "improvement": None,
-                                         "standard_error": None, "tolerance": None}  # fixed
+                                         "standard_error": None, "tolerance": None,
+                                         "escapes": 0}  # fixed
     for split in result.values():
         assert {"elbo", "log_likelihood", "exact_log_likelihood", "mle_log_likelihood",
                 "posterior_kl"} <= set(split)

@@ -16,6 +16,7 @@ from torch.distributions import MultivariateNormal, kl_divergence
 
 from zoo.errors import ZooError
 from zoo.guides.ppca import FullGuide, MeanFieldGuide
+from zoo.linalg import principal_axes
 from zoo.models.ppca import PPCA, marginal_log_prob, maximum_likelihood, posterior
 
 pyro.settings.set(module_local_params=True)
@@ -253,6 +254,60 @@ def test_maximum_likelihood_method_returns_a_new_model(table):
     torch.testing.assert_close(optimum.W.detach(), W)
     torch.testing.assert_close(optimum.b.detach(), b)
     torch.testing.assert_close(optimum.sigma.detach(), sigma)
+
+
+def _saddle(x, latent_dim):
+    """The stationary point of the likelihood that leaves the last of the M leading directions
+    to the noise: W's last column is 0 and sigma^2 the mean of the other D - M + 1 eigenvalues
+    of S. Returns (W, b, sigma) and S's eigenvalues."""
+    r = x - x.mean(0)
+    Lambda, U = principal_axes(r.T @ r / x.shape[0])
+    sigma2 = Lambda[latent_dim - 1:].mean()
+    W = torch.zeros(x.shape[1], latent_dim, dtype=x.dtype)
+    W[:, :-1] = U[:, :latent_dim - 1] * (Lambda[:latent_dim - 1] - sigma2).sqrt()
+    return (W, x.mean(0), sigma2.sqrt()), Lambda
+
+
+def test_the_saddle_check_steps_off_a_saddle_point_by_the_gain_it_predicts(table):
+    """At the saddle of :func:`_saddle` the gradient is 0; :func:`leave_saddle` replaces the
+    zero column by the missing direction at its best length, which raises the log-likelihood by
+    exactly 1/2 (t - 1 - log t) per point, t = Lambda_M / sigma^2, and then finds no saddle."""
+    from zoo.entries.ppca import SADDLE_GAIN, leave_saddle
+
+    x, _ = table
+    (W, b, sigma), Lambda = _saddle(x, 2)
+    W, b, sigma = (t.requires_grad_() for t in (W, b, sigma))
+    marginal_log_prob(x, W, b, sigma).mean().backward()
+    assert max(t.grad.abs().max() for t in (W, b, sigma)) < 1e-9
+    model = PPCA(6, 2).double()
+    model.set_parameters(W.detach(), b.detach(), sigma.detach())
+    before = model.marginal_log_prob(x).mean()
+    assert leave_saddle(model, None, x)
+    t = Lambda[1] / sigma.detach() ** 2
+    gain = model.marginal_log_prob(x).mean() - before
+    assert gain > SADDLE_GAIN
+    torch.testing.assert_close(gain, 0.5 * (t - 1 - t.log()), atol=1e-10, rtol=0)
+    W, _, _ = maximum_likelihood(x, 2)
+    span = torch.linalg.qr(model.W.detach())[0]
+    torch.testing.assert_close((span.T @ W).norm(dim=0), W.norm(dim=0))   # W's span, found
+    assert not leave_saddle(model, None, x)
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_the_saddle_check_leaves_the_maximum_alone(table, rotated):
+    from zoo.entries.ppca import leave_saddle
+
+    x, _ = table
+    W, b, sigma = maximum_likelihood(x, 2)
+    if rotated:
+        c, s = math.cos(0.8), math.sin(0.8)
+        W = W @ torch.tensor([[c, -s], [s, c]], dtype=f64)
+    model = PPCA(6, 2).double()
+    model.set_parameters(W, b, sigma)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    assert not leave_saddle(model, None, x)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
 
 
 # --- the generative process -------------------------------------------------------------------

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from zoo import runs
-from zoo.convergence import PLATEAU_HALVINGS
+from zoo.convergence import (
+    PLATEAU_HALVINGS,
+    converged,
+    convergence,
+    describe_convergence,
+)
 from zoo.errors import ZooError
 from zoo.experiment import build_experiment, load_run, resume_run, train_run
 from zoo.settings import TrainSettings
@@ -261,7 +266,6 @@ def _convergence_config(**train):
 
 
 def test_training_to_convergence_stops_early_and_records_it(tmp_path):
-    from zoo.convergence import converged
 
     config = _convergence_config()
     run_dir = train_run(config, tmp_path / "run", quiet=True)
@@ -303,7 +307,7 @@ def test_a_noisy_loss_still_falling_by_more_than_the_tolerance_does_not_stop():
     while it still falls by 1e-3 per epoch, ten times the tolerance. Two short windows (the
     plateau test) often see no improvement; training to convergence must not stop there, and
     stops once the same noise sits on a flat loss long enough to tell."""
-    from zoo.convergence import converged, improvement
+    from zoo.convergence import improvement
 
     settings = TrainSettings(tolerance=1e-4, patience=3, lr_schedule="plateau")
     noise = 0.01 * torch.randn(200, generator=torch.Generator().manual_seed(1))
@@ -363,7 +367,7 @@ def test_a_budget_too_small_to_converge_says_so(tmp_path):
     with pytest.warns(UserWarning, match=r"without converging.*--max-steps 1200"):
         run_dir = train_run(config, tmp_path / "run", quiet=True)
     summary = runs.read_config(run_dir)["convergence"]
-    assert summary == {"converged": False, "steps": 600, "tolerance": 1e-6,
+    assert summary == {"converged": False, "steps": 600, "tolerance": 1e-6, "escapes": 0,
                        "improvement": summary["improvement"],
                        "standard_error": summary["standard_error"]}
     assert summary["improvement"] + 2 * summary["standard_error"] > 1e-6
@@ -428,3 +432,69 @@ def test_threads_are_used_during_training_and_restored_after(small_ppca_config):
         settings=experiment.settings, on_epoch=lambda row: seen.append(torch.get_num_threads()))
     assert set(seen) == {1}
     assert torch.get_num_threads() == before
+
+
+class _EscapeOnce:
+    """A saddle check that, the first time training would stop, halves W and reports an escape
+    (``used``: it already has), and afterwards finds no saddle."""
+
+    def __init__(self, used=False):
+        self.used = used
+
+    def __call__(self, model, guide, x):
+        if self.used:
+            return False
+        self.used = True
+        model.set_parameters(W=model.W.detach() * 0.5)
+        return True
+
+
+def test_an_escape_from_a_saddle_restarts_the_rule_and_resumes_bitwise(tmp_path):
+    """Where training to convergence would stop and the model's saddle check moves it instead,
+    the epoch's row records ``escaped``, the learning rate starts again at its full value,
+    the stopping rule reads only the epochs after the escape, and config.json counts the
+    escape. A run interrupted just after the escape and resumed ends bitwise as the
+    uninterrupted run does."""
+    config = _convergence_config()
+    experiment = build_experiment(config, quiet=True)
+    run_dir = runs.create_run_dir(tmp_path / "whole")
+    runs.write_config(run_dir, config)
+    settings = experiment.settings
+    history = fit(experiment.model, experiment.guide, experiment.objective,
+                  experiment.train_inputs, settings=settings, run_dir=run_dir,
+                  leave_saddle=_EscapeOnce())
+    escaped = [row["epoch"] for row in history if row.get("escaped")]
+    assert len(escaped) == 1
+    before, after = history[:escaped[0]], history[escaped[0]:]
+    assert converged(before[:-1] + [{**before[-1], "escaped": 0}], settings)  # it would stop
+    assert not any(converged(history[:end], settings)
+                   for end in range(escaped[0], len(history)))
+    assert converged(history, settings) and history[-1]["step"] < settings.steps
+    assert after[0]["lr_factor"] == 1.0 and after[-1]["lr_factor"] == 2.0**-PLATEAU_HALVINGS
+    assert sum(row["lr_factor"] == after[-1]["lr_factor"] for row in after) >= 4 * 3
+    assert convergence(history, settings)["escapes"] == 1
+    metrics = runs.read_metrics(run_dir)
+    assert [row["epoch"] for row in metrics if row["escaped"] == 1] == escaped
+    assert "left a saddle point 1 time" in describe_convergence(convergence(history, settings))
+
+    stopped = runs.create_run_dir(tmp_path / "stopped")
+    runs.write_config(stopped, config)
+
+    def stop_after_the_escape(row):
+        if row["epoch"] == escaped[0]:
+            raise KeyboardInterrupt
+
+    experiment = build_experiment(config, quiet=True)
+    with pytest.raises(KeyboardInterrupt):
+        fit(experiment.model, experiment.guide, experiment.objective, experiment.train_inputs,
+            settings=settings, run_dir=stopped, on_epoch=stop_after_the_escape,
+            leave_saddle=_EscapeOnce())
+    experiment = build_experiment(config, quiet=True)
+    fit(experiment.model, experiment.guide, experiment.objective, experiment.train_inputs,
+        settings=settings, run_dir=stopped, checkpoint=runs.load_checkpoint(stopped),
+        leave_saddle=_EscapeOnce(used=True))
+    _assert_bitwise_equal(_parameters(load_run(run_dir)), _parameters(load_run(stopped)))
+    columns = ("epoch", "step", "train_loss", "fit_loss", "lr_factor", "improvement", "escaped")
+    rows = [[tuple(str(row[column]) for column in columns) for row in runs.read_metrics(folder)]
+            for folder in (run_dir, stopped)]
+    assert rows[0] == rows[1]

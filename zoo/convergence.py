@@ -6,6 +6,11 @@ short windows of epochs show no improvement (:func:`improvement`, :func:`lr_fact
 stops at the smallest rate once a longer window shows, with its noise accounted for, that the
 loss improves by less than the tolerance per epoch (:func:`trend`, :func:`converged`).
 :func:`convergence` summarizes how a run ended, and the two warnings say when it ended badly.
+
+A model may know how to tell a saddle point from an optimum (``ModelEntry.leave_saddle``): when
+the rule would stop there, the model steps off it, the epoch's row records ``escaped``, and
+training goes on as from a fresh start, at the full learning rate; every test above reads only
+the rows since the last escape (:func:`since_escape`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,21 @@ per epoch before it stops (:func:`converged`)."""
 PLATEAU_HALVINGS = 3
 """The ``plateau`` schedule halves the learning rate at each plateau of the loss, at most this
 many times; training to convergence stops only at the smallest rate."""
+
+
+def escaped(row: dict[str, Any]) -> bool:
+    """Whether the epoch of ``row`` left a saddle point: ``escaped`` is 1 (absent, None or
+    metrics.csv's nan otherwise)."""
+    return row.get("escaped") == 1
+
+
+def since_escape(history: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
+    """The rows of ``history`` after the last one that left a saddle point (:func:`escaped`);
+    all of them if none did."""
+    for index in range(len(history) - 1, -1, -1):
+        if escaped(history[index]):
+            return history[index + 1:]
+    return history
 
 
 def improvement(losses: Sequence[float], patience: int) -> float | None:
@@ -58,8 +78,9 @@ def _plateau(history: Sequence[dict[str, Any]], settings: TrainSettings) -> bool
 
 def lr_factor(history: Sequence[dict[str, Any]], settings: TrainSettings) -> float:
     """The plateau schedule's factor for the next epoch: that of the last epoch, halved when
-    that epoch ended a plateau (at most ``PLATEAU_HALVINGS`` times); 1 for other schedules."""
-    if not history:
+    that epoch ended a plateau (at most ``PLATEAU_HALVINGS`` times); 1 for other schedules,
+    and after an epoch that left a saddle point."""
+    if not history or escaped(history[-1]):
         return 1.0
     factor = history[-1].get("lr_factor", 1.0)
     halve = (settings.lr_schedule == "plateau" and _plateau(history, settings)
@@ -74,13 +95,13 @@ def converged(history: Sequence[dict[str, Any]], settings: TrainSettings) -> boo
     them (:func:`settling`, at least 3) is below the tolerance with confidence
     :data:`CONFIDENCE`: the estimate r plus t s < tolerance, with s its standard error and t the
     one-sided quantile of Student's t with n - 2 degrees of freedom for n epochs."""
-    if settings.tolerance is None or not history:
+    if settings.tolerance is None or not history or escaped(history[-1]):
         return False
     factor = history[-1].get("lr_factor", 1.0)
     if settings.lr_schedule == "plateau" and factor > 2.0**-PLATEAU_HALVINGS:
         return False
     measured = settling(history)
-    at_rate = sum(row.get("lr_factor", 1.0) == factor for row in history)
+    at_rate = sum(row.get("lr_factor", 1.0) == factor for row in since_escape(history))
     if measured is None or at_rate < 4 * settings.patience:
         return False
     rate, standard_error, epochs = measured
@@ -90,13 +111,14 @@ def converged(history: Sequence[dict[str, Any]], settings: TrainSettings) -> boo
 
 def settling(history: Sequence[dict[str, Any]]) -> tuple[float, float, int] | None:
     """The improvement per epoch of the whole-data loss (``fit_loss``) over the second half of
-    the epochs at the last learning rate, its standard error (:func:`trend`) and the number of
-    epochs in that half; None before 6 epochs at that rate. The second half leaves out the
-    fast change that follows a new rate."""
+    the epochs at the last learning rate (since the last escape from a saddle point), its
+    standard error (:func:`trend`) and the number of epochs in that half; None before 6 epochs
+    at that rate. The second half leaves out the fast change that follows a new rate."""
     if not history or "fit_loss" not in history[-1]:
         return None
     factor = history[-1].get("lr_factor", 1.0)
-    losses = [row["fit_loss"] for row in history if row.get("lr_factor", 1.0) == factor]
+    losses = [row["fit_loss"] for row in since_escape(history)
+              if row.get("lr_factor", 1.0) == factor]
     if len(losses) < 6:
         return None
     half = losses[len(losses) // 2:]
@@ -127,14 +149,15 @@ def convergence(history: Sequence[dict[str, Any]], settings: TrainSettings) -> d
     """How a run ended: ``converged`` (None for a fixed budget), ``steps`` done, the
     ``improvement`` per epoch (nats per data point) and its ``standard_error`` that the last
     convergence check measured (:func:`settling`; None before it could, and for a fixed
-    budget) and the ``tolerance``; config.json, ``zoo evaluate --json`` and the report show
-    it."""
+    budget), the ``tolerance``, and how many times training left a saddle point
+    (``escapes``); config.json, ``zoo evaluate --json`` and the report show it."""
     measured = settling(history) if settings.tolerance is not None else None
     rate, standard_error, _ = measured or (None, None, None)
     return {"converged": None if settings.tolerance is None else converged(history, settings),
             "steps": history[-1]["step"] if history else 0,
             "improvement": rate, "standard_error": standard_error,
-            "tolerance": settings.tolerance}
+            "tolerance": settings.tolerance,
+            "escapes": sum(escaped(row) for row in history)}
 
 
 def describe_convergence(summary: dict[str, Any]) -> str:
@@ -145,6 +168,9 @@ def describe_convergence(summary: dict[str, Any]) -> str:
     error = summary.get("standard_error")
     still = ("" if rate is None else f", improving by {rate:.2g}"
              + ("" if error is None else f" +- {error:.2g}") + " nats per point per epoch")
+    escapes = summary.get("escapes", 0)
+    still += ("" if not escapes else
+              f"; it left a saddle point {escapes} time{'s' if escapes > 1 else ''}")
     if summary["converged"]:
         return f"training: converged after {steps} steps{still} (tolerance {tolerance:g})"
     return f"training: NOT converged within its budget of {steps} steps{still} " \

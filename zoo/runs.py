@@ -47,7 +47,7 @@ METRICS = "metrics.csv"
 FIGURES = "figures"
 LOCK = ".lock"
 METRIC_COLUMNS = ("epoch", "step", "train_loss", "test_loss", "seconds", "fit_loss", "lr_factor",
-                  "improvement")
+                  "improvement", "escaped")
 
 
 @contextlib.contextmanager

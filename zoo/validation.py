@@ -31,9 +31,11 @@ _OPTION_KEYS = {  # the types of the models' options; the registry refuses optio
                 "covariance": (str,), "likelihood": (str,), "architecture": (str,),
                 "init": (str,), "prior": (str,)}
 _CONVERGENCE_KEYS = {"converged": (bool, None), "steps": (int,), "improvement": (float, None),
-                     "standard_error": (float, None), "tolerance": (float, None)}
+                     "standard_error": (float, None), "tolerance": (float, None),
+                     "escapes": (int,)}
 _TOP_KEYS = {"model": (str,), "guide": (str,), "zoo_version": (str,), "data_fingerprint": (str,)}
-_OPTIONAL = {"data_fingerprint", "convergence", "convergence.standard_error", "data.num_data",
+_OPTIONAL = {"data_fingerprint", "convergence", "convergence.standard_error",
+             "convergence.escapes", "data.num_data",
              "data.drop_constant", "objective.num_groups", "objective.beta",
              "objective.anneal_epochs", "objective.free_bits", "objective.analytic_kl"}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
