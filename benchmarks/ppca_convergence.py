@@ -7,7 +7,7 @@ pixels are the one real table. Each row trains ``zoo train ppca --data FILE --la
 with the given guide and objective and nothing else, and reports what ``zoo evaluate`` reports
 on the training rows: the gap between the closed-form maximum log-likelihood and the learned
 model's exact log-likelihood, the mean posterior KL(q || p) (nats per point), the steps taken,
-whether the run converged, how many times it left a saddle point (``ModelEntry.leave_saddle``),
+whether the run converged, how many times it left a false stop (``ModelEntry.before_stop``),
 and its wall time (one thread, with the machine's load average).
 
     python benchmarks/ppca_convergence.py [--tables issue-12 ...] [--guides meanfield full]

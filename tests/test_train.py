@@ -435,8 +435,8 @@ def test_threads_are_used_during_training_and_restored_after(small_ppca_config):
 
 
 class _EscapeOnce:
-    """A saddle check that, the first time training would stop, halves W and reports an escape
-    (``used``: it already has), and afterwards finds no saddle."""
+    """A false-stop check that, the first time training would stop, halves W and reports an escape
+    (``used``: it already has), and afterwards finds none."""
 
     def __init__(self, used=False):
         self.used = used
@@ -449,8 +449,8 @@ class _EscapeOnce:
         return True
 
 
-def test_an_escape_from_a_saddle_restarts_the_rule_and_resumes_bitwise(tmp_path):
-    """Where training to convergence would stop and the model's saddle check moves it instead,
+def test_an_escape_from_a_false_stop_restarts_the_rule_and_resumes_bitwise(tmp_path):
+    """Where training to convergence would stop and the model's false-stop check moves it instead,
     the epoch's row records ``escaped``, the learning rate starts again at its full value,
     the stopping rule reads only the epochs after the escape, and config.json counts the
     escape. A run interrupted just after the escape and resumed ends bitwise as the
@@ -462,7 +462,7 @@ def test_an_escape_from_a_saddle_restarts_the_rule_and_resumes_bitwise(tmp_path)
     settings = experiment.settings
     history = fit(experiment.model, experiment.guide, experiment.objective,
                   experiment.train_inputs, settings=settings, run_dir=run_dir,
-                  leave_saddle=_EscapeOnce())
+                  before_stop=_EscapeOnce())
     escaped = [row["epoch"] for row in history if row.get("escaped")]
     assert len(escaped) == 1
     before, after = history[:escaped[0]], history[escaped[0]:]
@@ -475,7 +475,7 @@ def test_an_escape_from_a_saddle_restarts_the_rule_and_resumes_bitwise(tmp_path)
     assert convergence(history, settings)["escapes"] == 1
     metrics = runs.read_metrics(run_dir)
     assert [row["epoch"] for row in metrics if row["escaped"] == 1] == escaped
-    assert "left a saddle point 1 time" in describe_convergence(convergence(history, settings))
+    assert "left a false stop 1 time" in describe_convergence(convergence(history, settings))
 
     stopped = runs.create_run_dir(tmp_path / "stopped")
     runs.write_config(stopped, config)
@@ -488,11 +488,11 @@ def test_an_escape_from_a_saddle_restarts_the_rule_and_resumes_bitwise(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         fit(experiment.model, experiment.guide, experiment.objective, experiment.train_inputs,
             settings=settings, run_dir=stopped, on_epoch=stop_after_the_escape,
-            leave_saddle=_EscapeOnce())
+            before_stop=_EscapeOnce())
     experiment = build_experiment(config, quiet=True)
     fit(experiment.model, experiment.guide, experiment.objective, experiment.train_inputs,
         settings=settings, run_dir=stopped, checkpoint=runs.load_checkpoint(stopped),
-        leave_saddle=_EscapeOnce(used=True))
+        before_stop=_EscapeOnce(used=True))
     _assert_bitwise_equal(_parameters(load_run(run_dir)), _parameters(load_run(stopped)))
     columns = ("epoch", "step", "train_loss", "fit_loss", "lr_factor", "improvement", "escaped")
     rows = [[tuple(str(row[column]) for column in columns) for row in runs.read_metrics(folder)]

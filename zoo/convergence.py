@@ -7,10 +7,11 @@ stops at the smallest rate once a longer window shows, with its noise accounted 
 loss improves by less than the tolerance per epoch (:func:`trend`, :func:`converged`).
 :func:`convergence` summarizes how a run ended, and the two warnings say when it ended badly.
 
-A model may know how to tell a saddle point from an optimum (``ModelEntry.leave_saddle``): when
-the rule would stop there, the model steps off it, the epoch's row records ``escaped``, and
-training goes on as from a fresh start, at the full learning rate; every test above reads only
-the rows since the last escape (:func:`since_escape`).
+A model may know how to tell a false stop, such as a saddle point, from its optimum
+(``ModelEntry.before_stop``): when the rule would stop there, the model steps off it, the
+epoch's row records ``escaped``, and training goes on as from a fresh start, at the full
+learning rate; every test above reads only the rows since the last escape
+(:func:`since_escape`).
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ many times; training to convergence stops only at the smallest rate."""
 
 
 def escaped(row: dict[str, Any]) -> bool:
-    """Whether the epoch of ``row`` left a saddle point: ``escaped`` is 1 (absent, None or
+    """Whether the epoch of ``row`` left a false stop: ``escaped`` is 1 (absent, None or
     metrics.csv's nan otherwise)."""
     return row.get("escaped") == 1
 
 
 def since_escape(history: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
-    """The rows of ``history`` after the last one that left a saddle point (:func:`escaped`);
+    """The rows of ``history`` after the last one that left a false stop (:func:`escaped`);
     all of them if none did."""
     for index in range(len(history) - 1, -1, -1):
         if escaped(history[index]):
@@ -79,7 +80,7 @@ def _plateau(history: Sequence[dict[str, Any]], settings: TrainSettings) -> bool
 def lr_factor(history: Sequence[dict[str, Any]], settings: TrainSettings) -> float:
     """The plateau schedule's factor for the next epoch: that of the last epoch, halved when
     that epoch ended a plateau (at most ``PLATEAU_HALVINGS`` times); 1 for other schedules,
-    and after an epoch that left a saddle point."""
+    and after an epoch that left a false stop."""
     if not history or escaped(history[-1]):
         return 1.0
     factor = history[-1].get("lr_factor", 1.0)
@@ -111,7 +112,7 @@ def converged(history: Sequence[dict[str, Any]], settings: TrainSettings) -> boo
 
 def settling(history: Sequence[dict[str, Any]]) -> tuple[float, float, int] | None:
     """The improvement per epoch of the whole-data loss (``fit_loss``) over the second half of
-    the epochs at the last learning rate (since the last escape from a saddle point), its
+    the epochs at the last learning rate (since the last escape from a false stop), its
     standard error (:func:`trend`) and the number of epochs in that half; None before 6 epochs
     at that rate. The second half leaves out the fast change that follows a new rate."""
     if not history or "fit_loss" not in history[-1]:
@@ -149,7 +150,7 @@ def convergence(history: Sequence[dict[str, Any]], settings: TrainSettings) -> d
     """How a run ended: ``converged`` (None for a fixed budget), ``steps`` done, the
     ``improvement`` per epoch (nats per data point) and its ``standard_error`` that the last
     convergence check measured (:func:`settling`; None before it could, and for a fixed
-    budget), the ``tolerance``, and how many times training left a saddle point
+    budget), the ``tolerance``, and how many times training left a false stop
     (``escapes``); config.json, ``zoo evaluate --json`` and the report show it."""
     measured = settling(history) if settings.tolerance is not None else None
     rate, standard_error, _ = measured or (None, None, None)
@@ -170,7 +171,7 @@ def describe_convergence(summary: dict[str, Any]) -> str:
              + ("" if error is None else f" +- {error:.2g}") + " nats per point per epoch")
     escapes = summary.get("escapes", 0)
     still += ("" if not escapes else
-              f"; it left a saddle point {escapes} time{'s' if escapes > 1 else ''}")
+              f"; it left a false stop {escapes} time{'s' if escapes > 1 else ''}")
     if summary["converged"]:
         return f"training: converged after {steps} steps{still} (tolerance {tolerance:g})"
     return f"training: NOT converged within its budget of {steps} steps{still} " \

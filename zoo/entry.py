@@ -34,9 +34,10 @@ class ModelEntry:
     those figures show images, so that they are left out for data without an image shape.
     ``start_guide[name](model, guide, **options)``, for the guides it names, starts the guide
     (and may adjust the model's start) from the model as built, before any checkpoint is loaded
-    over both. ``leave_saddle(model, guide, *inputs) -> bool``, for models whose saddle points
-    are known, is asked whenever training to convergence would stop (:func:`zoo.train.fit`): it
-    returns True after moving model and guide off a saddle point, and training goes on.
+    over both. ``before_stop(model, guide, *inputs) -> bool``, for models that can tell a
+    false stop (a saddle point, a valley that gradient steps cross too slowly) from the optimum,
+    is asked whenever training to convergence would stop (:func:`zoo.train.fit`): it returns
+    True after moving model and guide off it, and training goes on.
     """
 
     name: str
@@ -56,7 +57,7 @@ class ModelEntry:
     images: bool = False
     start_guide: dict[str, Callable[..., None]] = field(
         default_factory=dict)
-    leave_saddle: Callable[..., bool] | None = None
+    before_stop: Callable[..., bool] | None = None
 
     @property
     def default_guide(self) -> str:

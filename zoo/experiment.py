@@ -278,7 +278,7 @@ def _train(experiment: Experiment, run_dir: Path, checkpoint: dict[str, Any] | N
                       experiment.train_inputs, test=experiment.test_inputs,
                       settings=experiment.settings, run_dir=run_dir, checkpoint=checkpoint,
                       transform=experiment.train_transform,
-                      leave_saddle=experiment.entry.leave_saddle,
+                      before_stop=experiment.entry.before_stop,
                       desc=f"training {experiment.entry.name} ({experiment.config['guide']} guide)")
     except KeyboardInterrupt:
         kept = (f"the checkpoint of the last finished epoch is kept (continue with: zoo train "

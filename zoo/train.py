@@ -174,8 +174,8 @@ class _Training:
     total_steps: int
     loss_of: Callable[..., torch.Tensor] | None = None
     """The loss of a batch, summed over its points."""
-    leave_saddle: Callable[..., bool] | None = None
-    """The model's escape from a saddle point, asked before training to convergence stops."""
+    before_stop: Callable[..., bool] | None = None
+    """The model's escape from a false stop, asked before training to convergence stops."""
     history: list[dict[str, Any]] = field(default_factory=list)
     step: int = 0
     first_step: int = 0
@@ -206,7 +206,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
         transform: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]] | None = None,
         on_epoch: Callable[[dict[str, float]], None] | None = None, desc: str = "training",
         make_step: StepFactory = eager_step,
-        leave_saddle: Callable[..., bool] | None = None) -> list[dict[str, float]]:
+        before_stop: Callable[..., bool] | None = None) -> list[dict[str, float]]:
     """Train ``model`` and ``guide`` on ``train`` (a tuple of tensors whose first dimension
     indexes data points, passed to model and guide as positional arguments).
 
@@ -222,15 +222,15 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, objective, train: Sequen
     ``set_progress(epochs)`` method (KL annealing) is told before each step how many epochs are
     done, as a float. With ``settings.freeze_model`` only the guide's parameters are trained.
     The progress bar (unless ``settings.quiet``) is labelled ``desc``. ``make_step`` builds the
-    step (:data:`StepFactory`); everything else here is the loop around it. ``leave_saddle(model,
+    step (:data:`StepFactory`); everything else here is the loop around it. ``before_stop(model,
     guide, *train) -> bool``, when given, is asked whenever training to convergence would stop:
-    it returns True after moving model and guide off a saddle point, and training goes on
-    (:mod:`zoo.convergence`).
+    it returns True after moving model and guide off a false stop (a saddle point, say), and
+    training goes on (:mod:`zoo.convergence`).
     """
     settings = settings or TrainSettings()
     with torch_threads(settings.threads):
         run = _prepare(model, guide, objective, train, test, settings, run_dir, checkpoint)
-        run.leave_saddle = leave_saddle
+        run.before_stop = before_stop
         take_step = _training_step(run, make_step)
         bar = tqdm(total=run.total_steps, initial=run.step, unit="step", dynamic_ncols=True,
                    desc=desc, disable=settings.quiet or not distributed.is_main())
@@ -348,7 +348,7 @@ def _record_epoch(run: _Training, row: dict[str, Any], *, checkpoint: bool) -> N
     """Complete the epoch's ``row`` and append it to the history: ``test_loss`` and, when
     training to convergence, ``fit_loss``, ``lr_factor`` and ``improvement`` (over the epochs
     at this learning rate), each computed once, on rank 0, and ``escaped`` (1) when training
-    would stop here and ``run.leave_saddle`` moved off a saddle point instead (on every rank,
+    would stop here and ``run.before_stop`` moved off a false stop instead (on every rank,
     from the same parameters and data); with ``checkpoint``, the row goes to metrics.csv and the
     state, after any escape, to checkpoint.pt."""
     settings, main = run.settings, distributed.is_main()
@@ -365,8 +365,8 @@ def _record_epoch(run: _Training, row: dict[str, Any], *, checkpoint: bool) -> N
         row["improvement"] = improvement(
             [past["fit_loss"] for past in since_escape([*run.history, row])
              if past["lr_factor"] == factor], settings.patience)
-        if (run.leave_saddle is not None and converged([*run.history, row], settings)
-                and run.leave_saddle(model, run.guide, *run.train)):
+        if (run.before_stop is not None and converged([*run.history, row], settings)
+                and run.before_stop(model, run.guide, *run.train)):
             row["escaped"] = 1
     run.history.append(row)
     if checkpoint:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from zoo.data import Data
+from zoo.entries.ppca_escape import before_stop
 from zoo.entry import TO_CONVERGENCE, ModelEntry, from_data
 from zoo.errors import ZooError
 from zoo.guides import ppca as guides
@@ -87,69 +88,6 @@ def start_full(model: PPCA, guide: guides.FullGuide, *, init: str, **options) ->
         model.V.mul_(FULL_START)
 
 
-SADDLE_GAIN = 1e-3
-"""How much log-likelihood, in nats per point, trading W's weakest direction for a stronger one
-outside W must gain before :func:`leave_saddle` makes the trade."""
-
-
-def _explained(variance: Tensor, model_variance: Tensor, sigma2: Tensor) -> Tensor:
-    """l(c) - l(sigma^2), with l(c) = -1/2 (log c + Lambda / c): the log-likelihood per point
-    that a direction of data variance Lambda (``variance``) adds when the model gives it the
-    variance c (``model_variance``) rather than the noise's sigma^2."""
-    return 0.5 * ((sigma2 / model_variance).log() + variance / sigma2 - variance / model_variance)
-
-
-@torch.no_grad()
-def leave_saddle(model: PPCA, guide: torch.nn.Module, x: Tensor) -> bool:
-    r"""Check, before training stops, that W is at the maximum and not at a saddle point of the
-    likelihood; at a saddle, step off it and return True.
-
-    The likelihood's stationary points have W W^T built on eigenvectors of the data covariance
-    S; the maximum keeps the M with the largest variances, and every other stationary point is
-    a saddle (Tipping & Bishop 1999, appendix A). So at a saddle some direction outside W's
-    span has more data variance than one inside it. Along it the likelihood still rises, but
-    from the saddle slowly: a column grows at a rate set by its direction's variance over
-    sigma^2, a few times at most for a weak direction, and the loss looks converged.
-
-    The check, with W = U diag(s) R^T (thin SVD, s descending) and u_M, s_M, r_M the weakest
-    direction's triple: v is the leading eigenvector of S restricted to the complement of the
-    other M - 1 directions, P S P with P = I - U_{M-1} U_{M-1}^T. A direction of data variance
-    Lambda that the model gives variance c adds l(c) - l(sigma^2) nats per point over the noise
-    alone, with l(c) = -1/2 (log c + Lambda / c) (:func:`_explained`), at most at c = Lambda.
-    Trading u_M, of data variance Lambda_u = u_M^T S u_M and model variance s_M^2 + sigma^2,
-    for v, of data variance Lambda_v = v^T S v at its best length, gains
-
-        gain = [l(Lambda_v) - l(sigma^2)]_v - [l(s_M^2 + sigma^2) - l(sigma^2)]_u
-
-    nats per point (exactly, when u_M and v are eigenvectors of S). Above :data:`SADDLE_GAIN`,
-    the weakest direction is replaced by v, at the length that maximizes the likelihood along it:
-
-        W <- W + (sqrt(Lambda_v - sigma^2) v - s_M u_M) r_M^T,
-
-    which keeps the other directions and R, and so the guide's coordinates. b, sigma, the other
-    M - 1 directions and the guide stay where training put them, and training goes on from
-    there: a step along a direction in which the loss curves down, not the closed-form solution.
-    At the maximum, v is u_M (up to the training's last digits) and the gain is about 0.
-    """
-    dtype = torch.float64
-    W, sigma2 = model.W.to(dtype), model.sigma.to(dtype) ** 2
-    r = x.to(dtype) - x.to(dtype).mean(0)
-    S = r.T @ r / x.shape[0]
-    U, s, Rt = torch.linalg.svd(W, full_matrices=False)
-    kept = U[:, :-1]
-    P = torch.eye(model.data_dim, dtype=dtype, device=W.device) - kept @ kept.T
-    _, eigenvectors = torch.linalg.eigh(P @ S @ P)
-    v, u = eigenvectors[:, -1], U[:, -1]
-    variance_v, variance_u = v @ S @ v, u @ S @ u
-    gain = (_explained(variance_v, variance_v.clamp(min=sigma2), sigma2)
-            - _explained(variance_u, s[-1] ** 2 + sigma2, sigma2))
-    if gain <= SADDLE_GAIN:
-        return False
-    step = (variance_v - sigma2).sqrt() * v - s[-1] * u
-    model.set_parameters(W=(W + torch.outer(step, Rt[-1])).to(model.W))
-    return True
-
-
 TRAIN: dict[str, Any] = dict(
     TO_CONVERGENCE, steps=50000, batch_size=4096, passes=50, lr=0.015, tolerance=5e-5,
     patience=3, average_iterates=True)
@@ -176,5 +114,5 @@ ENTRY = ModelEntry(
     train=TRAIN,
     demo={"steps": 1500},
     start_guide={"full": start_full},
-    leave_saddle=leave_saddle,
+    before_stop=before_stop,
 )
