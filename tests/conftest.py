@@ -28,6 +28,19 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture
+def ppca_benchmark():
+    """``benchmarks/ppca_convergence.py`` as a module (a script, not part of the package),
+    loaded afresh for each test."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "ppca_convergence", REPO / "benchmarks" / "ppca_convergence.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
 def small_ppca_config():
     """A PPCA configuration that trains in well under a second."""
     from zoo.experiment import make_config

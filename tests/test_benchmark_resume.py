@@ -1,21 +1,14 @@
 """The PPCA convergence benchmark resumes an interrupted run: rows it wrote are kept, only the
 others are trained, and results written for other table settings are refused."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def benchmark(monkeypatch):
-    spec = importlib.util.spec_from_file_location(
-        "ppca_convergence", ROOT / "benchmarks" / "ppca_convergence.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def benchmark(monkeypatch, ppca_benchmark):
+    module = ppca_benchmark
     trained = []
 
     def run_row(table, data, latent_dim, guide, loss, folder):

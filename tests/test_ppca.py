@@ -331,7 +331,10 @@ def test_aligning_the_columns_keeps_the_model_and_brings_the_mean_field_guide_cl
     gap, kl = mean_field_gap(model), _kl_to_posterior(model, guide, x)
     assert gap > MOVE_GAIN
     torch.testing.assert_close(kl, gap)
+    storage = [tensor.data_ptr() for tensor in (*model.parameters(), *guide.parameters())]
     assert align_columns(model, guide)
+    # in place: the training step holds each parameter's storage
+    assert [tensor.data_ptr() for tensor in (*model.parameters(), *guide.parameters())] == storage
     torch.testing.assert_close(model.W @ model.W.T, W @ W.T)
     torch.testing.assert_close(guide.loc(x) @ model.W.T, mean @ W.T)
     assert mean_field_gap(model) < 1e-12

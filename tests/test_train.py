@@ -449,6 +449,21 @@ class _EscapeOnce:
         return True
 
 
+def test_a_false_stop_check_that_replaces_a_parameter_is_refused():
+    """A move off a false stop must write in place: assigning a PyroParam (``model.sigma =
+    ...``) gives it new storage, which the training step would not see, and is refused with
+    the parameter's name and the fix."""
+    experiment = build_experiment(_convergence_config(), quiet=True)
+
+    def assign(model, guide, x):
+        model.sigma = model.sigma.detach() * 2
+        return True
+
+    with pytest.raises(ZooError, match=r"replaced model\.sigma_unconstrained.*copy_"):
+        fit(experiment.model, experiment.guide, experiment.objective, experiment.train_inputs,
+            settings=experiment.settings, before_stop=assign)
+
+
 def test_an_escape_from_a_false_stop_restarts_the_rule_and_resumes_bitwise(tmp_path):
     """Where training to convergence would stop and the model's false-stop check moves it instead,
     the epoch's row records ``escaped``, the learning rate starts again at its full value,

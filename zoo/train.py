@@ -344,6 +344,28 @@ def _train_epoch(run: _Training, take_step: Step, transform, bar) -> dict[str, A
             "test_loss": None, "seconds": seconds}
 
 
+def _escape(run: _Training) -> bool:
+    """Ask ``run.before_stop`` to move model and guide off a false stop; whether it did. The
+    move must write the parameters in place (``parameter.copy_(value)``): the training step
+    holds their storage (the compiled step's inputs, a CUDA graph's addresses), so a parameter
+    given new storage, as assigning ``module.name = value`` does for a PyroParam, would go on
+    being trained where it was. Such a move is refused with the parameters it replaced."""
+    def storage() -> dict[str, int]:
+        return {f"{part}.{name}": tensor.data_ptr()
+                for part, module in (("model", run.model), ("guide", run.guide))
+                for name, tensor in module.named_parameters()}
+
+    before = storage()
+    moved = run.before_stop(run.model, run.guide, *run.train)
+    after = storage()
+    replaced = [name for name in before if after.get(name) != before[name]]
+    if replaced:
+        raise ZooError(f"before_stop replaced {', '.join(replaced)} instead of writing in "
+                       "place; write each parameter with parameter.copy_(value) under "
+                       "torch.no_grad() (a PyroParam x through x_unconstrained)")
+    return bool(moved)
+
+
 def _record_epoch(run: _Training, row: dict[str, Any], *, checkpoint: bool) -> None:
     """Complete the epoch's ``row`` and append it to the history: ``test_loss`` and, when
     training to convergence, ``fit_loss``, ``lr_factor`` and ``improvement`` (over the epochs
@@ -366,7 +388,7 @@ def _record_epoch(run: _Training, row: dict[str, Any], *, checkpoint: bool) -> N
             [past["fit_loss"] for past in since_escape([*run.history, row])
              if past["lr_factor"] == factor], settings.patience)
         if (run.before_stop is not None and converged([*run.history, row], settings)
-                and run.before_stop(model, run.guide, *run.train)):
+                and _escape(run)):
             row["escaped"] = 1
     run.history.append(row)
     if checkpoint:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.distributions import constraints, transform_to
 
 from zoo.guides.ppca import MeanFieldGuide
 from zoo.models.ppca import PPCA
@@ -117,7 +118,10 @@ def align_columns(model: PPCA, guide: MeanFieldGuide) -> bool:
     R = R.to(guide.scale)
     guide.encoder.weight.copy_(R.T @ guide.encoder.weight)
     guide.encoder.bias.copy_(R.T @ guide.encoder.bias)
-    guide.scale = (R.T @ torch.diag(guide.scale ** -2) @ R).diagonal().rsqrt()
+    scale = (R.T @ torch.diag(guide.scale ** -2) @ R).diagonal().rsqrt()
+    # in place, as every move must be (``zoo.train``): PyroModule keeps the positive ``scale``
+    # as the parameter ``scale_unconstrained``, its image under the inverse of exp
+    guide.scale_unconstrained.copy_(transform_to(constraints.positive).inv(scale))
     return True
 
 
