@@ -1,5 +1,7 @@
 """The training engine: reproducibility, resume, non-finite stops, run folders, clipping."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -423,10 +425,27 @@ def test_bad_convergence_settings_are_refused(settings, message):
         TrainSettings(**settings)
 
 
-def test_threads_are_used_during_training_and_restored_after(small_ppca_config):
+def test_threads_are_used_during_training_and_restored_after(small_ppca_config, monkeypatch,
+                                                            request):
+    """The run's threads hold while the model is built from the data (a start computed with
+    other threads differs in its last digits, and a long run then ends elsewhere) and while it
+    trains; the process's own number comes back after each."""
+    import zoo.experiment
+
+    request.addfinalizer(partial(torch.set_num_threads, torch.get_num_threads()))
+    torch.set_num_threads(2)
+    building = []
+    build = zoo.experiment.build
+
+    def spy(*args, **kwargs):
+        building.append(torch.get_num_threads())
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(zoo.experiment, "build", spy)
     before = torch.get_num_threads()
     config = dict(small_ppca_config, train={**small_ppca_config["train"], "threads": 1})
     experiment = build_experiment(config, quiet=True)
+    assert building == [1] and torch.get_num_threads() == before
     seen = []
     fit(experiment.model, experiment.guide, experiment.objective, experiment.train_inputs,
         settings=experiment.settings, on_epoch=lambda row: seen.append(torch.get_num_threads()))

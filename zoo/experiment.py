@@ -30,7 +30,13 @@ from zoo.evaluate import evaluate
 from zoo.objectives import make_objective
 from zoo.registry import ModelEntry, build, get_model
 from zoo.settings import TrainSettings
-from zoo.train import fit, resolve_device, seed_everything, trainable_parameters
+from zoo.train import (
+    fit,
+    resolve_device,
+    seed_everything,
+    torch_threads,
+    trainable_parameters,
+)
 from zoo.validation import check_config, check_memory, check_output, check_work
 
 
@@ -139,26 +145,32 @@ def build_experiment(config: dict[str, Any], *, quiet: bool = False) -> Experime
     """Load the data and build model, guide, objective and settings from ``config``.
 
     The seed is set before the model and guide are built, so their initial values are
-    reproducible too. Nothing is allocated that would not fit in memory
-    (:func:`_check_memory`), and a configuration that records the fingerprint of its data
-    (``data_fingerprint``) is refused when the data loaded now differ.
+    reproducible too, and they are built with the run's number of CPU threads
+    (``settings.threads``), as they are trained: a sum over the data (a column mean, the
+    covariance that whitens the encoder's input) rounds differently when split over other
+    threads, and from a start that differs in its last digits a long run ends elsewhere. Nothing
+    is allocated that would not fit in memory (:func:`_check_memory`), and a configuration that
+    records the fingerprint of its data (``data_fingerprint``) is refused when the data loaded
+    now differ.
     """
     check_config(config)
     entry = get_model(config["model"])
     settings = TrainSettings(**config["train"], quiet=quiet)
-    data = load_data(**config["data"])
-    _check_memory(config, settings, data)
-    seed_everything(settings.seed)
-    model, guide = build(entry, config["guide"], data, config["options"])
-    objective = make_objective(**config["objective"])
-    experiment = Experiment(config, entry, data, model, guide, objective, settings)
-    recorded = config.get("data_fingerprint")
-    if recorded is not None and recorded != experiment.fingerprint:
-        source = config["data"]["file"] or config["data"]["name"]
-        raise ZooError(f"the data of this run ({source}) changed since it was trained: restore "
-                       f"the data it was trained on, or train a new run on the new data")
-    _check_objective(objective, model, guide, entry.inputs(data, "train"))
-    trainable_parameters(model, guide, settings.freeze_model)
+    with torch_threads(settings.threads):
+        data = load_data(**config["data"])
+        _check_memory(config, settings, data)
+        seed_everything(settings.seed)
+        model, guide = build(entry, config["guide"], data, config["options"])
+        objective = make_objective(**config["objective"])
+        experiment = Experiment(config, entry, data, model, guide, objective, settings)
+        recorded = config.get("data_fingerprint")
+        if recorded is not None and recorded != experiment.fingerprint:
+            source = config["data"]["file"] or config["data"]["name"]
+            raise ZooError(f"the data of this run ({source}) changed since it was trained: "
+                           f"restore the data it was trained on, or train a new run on the new "
+                           f"data")
+        _check_objective(objective, model, guide, entry.inputs(data, "train"))
+        trainable_parameters(model, guide, settings.freeze_model)
     return experiment
 
 
