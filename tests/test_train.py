@@ -468,6 +468,25 @@ class _EscapeOnce:
         return True
 
 
+def test_a_false_stop_check_is_asked_at_most_max_escapes_times():
+    """A move that the objective undoes (here: one that always moves) cannot keep training
+    going: after MAX_ESCAPES escapes the rule's stop stands, and the run converges."""
+    from zoo.convergence import MAX_ESCAPES
+
+    experiment = build_experiment(_convergence_config(), quiet=True)
+    asked = []
+
+    def always(model, guide, x):
+        asked.append(True)
+        model.set_parameters(W=model.W.detach() * 0.5)
+        return True
+
+    history = fit(experiment.model, experiment.guide, experiment.objective,
+                  experiment.train_inputs, settings=experiment.settings, before_stop=always)
+    assert len(asked) == MAX_ESCAPES == sum(row.get("escaped") == 1 for row in history)
+    assert converged(history, experiment.settings)
+
+
 def test_a_false_stop_check_that_replaces_a_parameter_is_refused():
     """A move off a false stop must write in place: assigning a PyroParam (``model.sigma =
     ...``) gives it new storage, which the training step would not see, and is refused with

@@ -36,6 +36,13 @@ PLATEAU_HALVINGS = 3
 many times; training to convergence stops only at the smallest rate."""
 
 
+MAX_ESCAPES = 3
+"""How many times training to convergence asks the model to leave a false stop; after that it
+stops where the rule says. A move can be undone by the objective itself (an importance-weighted
+bound does not pull PPCA's W to the orthogonal columns the mean-field guide needs, so W mixes
+again after each rotation), and training must end."""
+
+
 def escaped(row: dict[str, Any]) -> bool:
     """Whether the epoch of ``row`` left a false stop: ``escaped`` is 1 (absent, None or
     metrics.csv's nan otherwise)."""
