@@ -49,6 +49,11 @@ def escaped(row: dict[str, Any]) -> bool:
     return row.get("escaped") == 1
 
 
+def escapes(history: Sequence[dict[str, Any]]) -> int:
+    """How many epochs of ``history`` left a false stop (:func:`escaped`)."""
+    return sum(map(escaped, history))
+
+
 def since_escape(history: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
     """The rows of ``history`` after the last one that left a false stop (:func:`escaped`);
     all of them if none did."""
@@ -165,7 +170,7 @@ def convergence(history: Sequence[dict[str, Any]], settings: TrainSettings) -> d
             "steps": history[-1]["step"] if history else 0,
             "improvement": rate, "standard_error": standard_error,
             "tolerance": settings.tolerance,
-            "escapes": sum(escaped(row) for row in history)}
+            "escapes": escapes(history)}
 
 
 def describe_convergence(summary: dict[str, Any]) -> str:

@@ -51,7 +51,7 @@ from zoo.compiled import Step, training_step
 from zoo.convergence import (
     MAX_ESCAPES,
     converged,
-    escaped,
+    escapes,
     improvement,
     lr_factor,
     since_escape,
@@ -390,7 +390,7 @@ def _record_epoch(run: _Training, row: dict[str, Any], *, checkpoint: bool) -> N
             [past["fit_loss"] for past in since_escape([*run.history, row])
              if past["lr_factor"] == factor], settings.patience)
         if (run.before_stop is not None and converged([*run.history, row], settings)
-                and sum(map(escaped, run.history)) < MAX_ESCAPES and _escape(run)):
+                and escapes(run.history) < MAX_ESCAPES and _escape(run)):
             row["escaped"] = 1
     run.history.append(row)
     if checkpoint:
